@@ -1,0 +1,16 @@
+"""Entry point of ``kdumpling-agent`` (placeholder until the agent lands)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kdumpling-agent", description=__doc__)
+    parser.parse_args(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Per-architecture facts: ELF machine, byte order, page size and the NT_PRSTATUS layout.
+
+The register layouts are the kernel's ``elf_gregset_t`` (``pr_reg`` inside ``struct elf_prstatus``):
+  x86_64   arch/x86/include/asm/user_64.h            struct user_regs_struct  (27 x u64)
+  aarch64  arch/arm64/include/uapi/asm/ptrace.h      struct user_pt_regs      (34 x u64)
+  s390x    arch/s390/include/asm/elf.h, ptrace.h     s390_regs: psw, gprs, acrs (u32), orig_gpr2
+  ppc64    arch/powerpc/include/uapi/asm/elf.h       ELF_NGREG = 48 x u64 (44 named)
+  riscv64  arch/riscv/include/uapi/asm/ptrace.h      struct user_regs_struct  (32 x u64)
+``struct elf_prstatus`` is a 112-byte common prefix, ``pr_reg``, an int ``pr_fpvalid`` and tail
+padding to 8 bytes: 336 / 392 / 336 / 504 / 376 bytes (include/linux/elfcore.h; QEMU's
+target/*/arch_dump.c asserts the same sizes).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import UnsupportedArchError, UsageError
+
+# e_machine values (include/uapi/linux/elf-em.h)
+EM_S390 = 22
+EM_PPC64 = 21
+EM_X86_64 = 62
+EM_AARCH64 = 183
+EM_RISCV = 243
+
+PRSTATUS_REG_OFFSET = 112  # offsetof(struct elf_prstatus, pr_reg) on every LP64 arch
+
+
+class X86_64Reg(IntEnum):
+    """Slots of x86_64 ``struct user_regs_struct``, in pr_reg order."""
+
+    R15 = 0
+    R14 = 1
+    R13 = 2
+    R12 = 3
+    RBP = 4
+    RBX = 5
+    R11 = 6
+    R10 = 7
+    R9 = 8
+    R8 = 9
+    RAX = 10
+    RCX = 11
+    RDX = 12
+    RSI = 13
+    RDI = 14
+    ORIG_RAX = 15
+    RIP = 16
+    CS = 17
+    EFLAGS = 18
+    RSP = 19
+    SS = 20
+    FS_BASE = 21
+    GS_BASE = 22
+    DS = 23
+    ES = 24
+    FS = 25
+    GS = 26
+
+
+AArch64Reg = IntEnum(  # type: ignore[misc]
+    "AArch64Reg",
+    [(f"X{i}", i) for i in range(31)] + [("SP", 31), ("PC", 32), ("PSTATE", 33)],
+)
+AArch64Reg.__doc__ = "Slots of arm64 ``struct user_pt_regs``: x0..x30, sp, pc, pstate."
+
+S390xReg = IntEnum(  # type: ignore[misc]
+    "S390xReg",
+    [("PSW_MASK", 0), ("PSW_ADDR", 1)]
+    + [(f"R{i}", 2 + i) for i in range(16)]
+    + [(f"A{i}", 18 + i) for i in range(16)]
+    + [("ORIG_GPR2", 34)],
+)
+S390xReg.__doc__ = "Slots of s390 ``s390_regs``: psw mask/addr, r0..r15, a0..a15 (32-bit), orig_gpr2."
+
+Ppc64Reg = IntEnum(  # type: ignore[misc]
+    "Ppc64Reg",
+    [(f"R{i}", i) for i in range(32)]
+    + [
+        (name, 32 + i)
+        for i, name in enumerate(
+            ["NIP", "MSR", "ORIG_GPR3", "CTR", "LINK", "XER", "CCR", "SOFTE", "TRAP", "DAR",
+             "DSISR", "RESULT"]
+        )
+    ],
+)
+Ppc64Reg.__doc__ = "Named slots of powerpc ``pt_regs`` as dumped (44 of ELF_NGREG = 48)."
+
+RiscV64Reg = IntEnum(  # type: ignore[misc]
+    "RiscV64Reg",
+    [
+        (name, i)
+        for i, name in enumerate(
+            ["PC", "RA", "SP", "GP", "TP", "T0", "T1", "T2", "S0", "S1", "A0", "A1", "A2", "A3",
+             "A4", "A5", "A6", "A7", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10",
+             "S11", "T3", "T4", "T5", "T6"]
+        )
+    ],
+)
+RiscV64Reg.__doc__ = "Slots of riscv ``struct user_regs_struct``: pc, ra, sp, gp, tp, t0.. t6."
+
+# Alternative spellings accepted in register dicts (ABI names people use).
+_REG_ALIASES: dict[str, dict[str, str]] = {
+    "aarch64": {"X29": "X29", "FP": "X29", "LR": "X30", "CPSR": "PSTATE"},
+    "riscv64": {"FP": "S0", **{f"X{i}": n for i, n in enumerate(
+        ["PC", "RA", "SP", "GP", "TP", "T0", "T1", "T2", "S0", "S1", "A0", "A1", "A2", "A3", "A4",
+         "A5", "A6", "A7", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10", "S11", "T3",
+         "T4", "T5", "T6"]) if i > 0}},
+    "ppc64": {**{f"GPR{i}": f"R{i}" for i in range(32)}, "LR": "LINK", "PC": "NIP", "SP": "R1"},
+    "s390x": {**{f"GPR{i}": f"R{i}" for i in range(16)}, "PC": "PSW_ADDR", "SP": "R15"},
+    "x86_64": {"RFLAGS": "EFLAGS"},
+}
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What the writers need to know about one architecture."""
+
+    name: str  # canonical kdumpling name
+    machine: int  # ELF e_machine
+    endian: str  # struct byte-order prefix: "<" or ">"
+    default_page_size: int  # used when VMCOREINFO has no PAGESIZE
+    uts_machine: str  # utsname.machine as libkdumpfile's machine_arch_name() knows it
+    regs: type[IntEnum]  # register slot enum
+    reg_format: str  # struct format of pr_reg, without byte order
+    prstatus_size: int  # sizeof(struct elf_prstatus)
+
+    @property
+    def big_endian(self) -> bool:
+        return self.endian == ">"
+
+    @property
+    def reg_bytes(self) -> int:
+        return struct.calcsize(self.endian + self.reg_format)
+
+    def register_slot(self, name: str | IntEnum) -> int:
+        """Slot index of a register given by enum member or (case-insensitive) name."""
+        if isinstance(name, IntEnum):
+            if type(name) is not self.regs:
+                raise UsageError(f"register {name!r} does not belong to {self.name}")
+            return int(name)
+        key = str(name).upper()
+        key = _REG_ALIASES.get(self.name, {}).get(key, key)
+        try:
+            return int(self.regs[key])
+        except KeyError:
+            known = ", ".join(m.name for m in self.regs)
+            raise UsageError(
+                f"unknown {self.name} register {name!r}; known registers: {known}"
+            ) from None
+
+
+
+def _arch(name: str, machine: int, endian: str, page: int, uts: str, regs: type[IntEnum],
+          reg_format: str, size: int) -> ArchInfo:
+    info = ArchInfo(name, machine, endian, page, uts, regs, reg_format, size)
+    # The kernel's struct: prefix + pr_reg + int pr_fpvalid, padded to 8.
+    expect = PRSTATUS_REG_OFFSET + info.reg_bytes + 4
+    expect += -expect % 8
+    assert expect == size, (name, expect, size)
+    return info
+
+
+ARCHITECTURES: dict[str, ArchInfo] = {
+    "x86_64": _arch("x86_64", EM_X86_64, "<", 4096, "x86_64", X86_64Reg, "27Q", 336),
+    "aarch64": _arch("aarch64", EM_AARCH64, "<", 4096, "aarch64", AArch64Reg, "34Q", 392),
+    "s390x": _arch("s390x", EM_S390, ">", 4096, "s390x", S390xReg, "18Q16IQ", 336),
+    # 64 KiB pages are the usual ppc64 kernel configuration (CONFIG_PPC_64K_PAGES).
+    "ppc64": _arch("ppc64", EM_PPC64, ">", 65536, "ppc64", Ppc64Reg, "48Q", 504),
+    "ppc64le": _arch("ppc64le", EM_PPC64, "<", 65536, "ppc64le", Ppc64Reg, "48Q", 504),
+    "riscv64": _arch("riscv64", EM_RISCV, "<", 4096, "riscv64", RiscV64Reg, "32Q", 376),
+}
+
+ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x86-64": "x86_64"}
+
+
+def get_arch(name: str) -> ArchInfo:
+    """Look up an architecture by name or alias; unknown names raise UnsupportedArchError."""
+    canonical = ARCH_ALIASES.get(name, name)
+    try:
+        return ARCHITECTURES[canonical]
+    except KeyError:
+        supported = ", ".join(sorted([*ARCHITECTURES, "arm64"]))
+        raise UnsupportedArchError(
+            f"Unsupported architecture: {name}. Supported: {supported}"
+        ) from None
+
+
+def arch_from_machine(machine: int, big_endian: bool) -> ArchInfo:
+    """The architecture of an ELF file from e_machine and EI_DATA."""
+    for info in ARCHITECTURES.values():
+        if info.machine == machine and info.big_endian == big_endian:
+            return info
+    raise UnsupportedArchError(f"unsupported ELF machine {machine} ({'BE' if big_endian else 'LE'})")
