@@ -1,0 +1,131 @@
+"""Per-page compression for the kdump-compressed format.
+
+Byte formats readers accept (dump-formats.md §3.8; makedumpfile compress_mdf, crash cache_page,
+libkdumpfile diskdump_read_page): zlib = a zlib-wrapped deflate stream (any compressor that emits
+one is fine, so ISA-L is used when installed: ~8x stock zlib on 4 KiB pages); LZO = raw LZO1X
+without python-lzo's 5-byte header; snappy = a raw snappy block (not the framed format);
+zstd = one standard frame. A missing module is an error naming the extra, never a fallback.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable
+from enum import IntEnum
+from types import ModuleType
+
+from .errors import CodecUnavailableError, UsageError
+
+
+class CompressionType(IntEnum):
+    """Codec of a kdump-compressed file (seed API values kept)."""
+
+    NONE = 0
+    ZLIB = 1
+    LZO = 2
+    SNAPPY = 4
+    ZSTD = 8
+
+
+# page_desc.flags / disk_dump_header.status bits (makedumpfile diskdump_mod.h). Note that zstd is
+# 0x20: 0x08 means DUMP_DH_COMPRESSED_INCOMPLETE.
+DUMP_DH_COMPRESSED_ZLIB = 0x01
+DUMP_DH_COMPRESSED_LZO = 0x02
+DUMP_DH_COMPRESSED_SNAPPY = 0x04
+DUMP_DH_COMPRESSED_INCOMPLETE = 0x08
+DUMP_DH_EXCLUDED_VMEMMAP = 0x10
+DUMP_DH_COMPRESSED_ZSTD = 0x20
+
+CODEC_FLAG = {
+    CompressionType.NONE: 0,
+    CompressionType.ZLIB: DUMP_DH_COMPRESSED_ZLIB,
+    CompressionType.LZO: DUMP_DH_COMPRESSED_LZO,
+    CompressionType.SNAPPY: DUMP_DH_COMPRESSED_SNAPPY,
+    CompressionType.ZSTD: DUMP_DH_COMPRESSED_ZSTD,
+}
+
+CODEC_NAMES = {
+    "none": CompressionType.NONE,
+    "zlib": CompressionType.ZLIB,
+    "lzo": CompressionType.LZO,
+    "snappy": CompressionType.SNAPPY,
+    "zstd": CompressionType.ZSTD,
+}
+
+Compressor = Callable[[bytes | memoryview], bytes]
+
+
+def _import(codec: str, module: str, extra: str) -> ModuleType:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CodecUnavailableError(codec, module, extra) from None
+
+
+def parse_compression(value: str | int | CompressionType) -> CompressionType:
+    if isinstance(value, str):
+        try:
+            return CODEC_NAMES[value.lower()]
+        except KeyError:
+            raise UsageError(
+                f"unknown compression {value!r}; choose one of {', '.join(CODEC_NAMES)}"
+            ) from None
+    try:
+        return CompressionType(value)
+    except ValueError:
+        raise UsageError(f"unknown compression type {value!r}") from None
+
+
+class PageCodec:
+    """Compresses single pages for one codec; ``compressor()`` is per worker thread."""
+
+    def __init__(self, ctype: CompressionType, level: int = 1) -> None:
+        self.type = ctype
+        self.flag = CODEC_FLAG[ctype]
+        self.level = level
+        self._local = threading.local()
+        self._factory = self._make_factory()
+
+    def _make_factory(self) -> Callable[[], Compressor | None]:
+        level = self.level
+        if self.type == CompressionType.NONE:
+            return lambda: None
+        if self.type == CompressionType.ZLIB:
+            if not 0 <= level <= 9:
+                raise UsageError(f"zlib level must be 0..9, got {level}")
+            try:
+                from isal import isal_zlib  # type: ignore[import-untyped]
+            except ImportError:
+                return lambda: (lambda page: zlib.compress(page, level))
+            # ISA-L knows levels 0..3; its level 1 matches zlib -1's size within ~1% (codec-speed.md)
+            ilevel = min(level, 3)
+            return lambda: (lambda page: isal_zlib.compress(page, ilevel))
+        if self.type == CompressionType.LZO:
+            lzo = _import("lzo", "lzo", "lzo")
+            # header=False: readers call lzo1x_decompress_safe on the bare stream. Level 1 is
+            # LZO1X-1 (what makedumpfile writes), higher levels LZO1X-999.
+            lzo_level = 1 if level <= 1 else 9
+            return lambda: (lambda page: lzo.compress(bytes(page), lzo_level, False))
+        if self.type == CompressionType.SNAPPY:
+            cramjam = _import("snappy", "cramjam", "snappy")
+            raw = cramjam.snappy.compress_raw
+            return lambda: (lambda page: bytes(raw(page)))
+        if self.type == CompressionType.ZSTD:
+            zstandard = _import("zstd", "zstandard", "zstd")
+
+            def make() -> Compressor:
+                # One compressor per thread: sharing one crashed the process (codec-speed.md).
+                return zstandard.ZstdCompressor(level=level).compress  # type: ignore[no-any-return]
+
+            return make
+        raise UsageError(f"unknown compression {self.type!r}")
+
+    def compressor(self) -> Compressor | None:
+        comp: Compressor | None = getattr(self._local, "comp", None)
+        if comp is None and self.type != CompressionType.NONE:
+            comp = self._factory()
+            self._local.comp = comp
+        return comp

@@ -1,0 +1,205 @@
+"""``write_dump``: the one entry point that turns a CoreImage into a file or a stream."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import BinaryIO
+
+from .codecs import CompressionType, parse_compression
+from .diskdump import write_kdump
+from .elf import write_elf
+from .errors import DumpWriteError, UsageError
+from .image import CoreImage
+from .sinks import FileSink, FlattenedSink, Sink, StreamSink
+
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+class OutputFormat(Enum):
+    """Output file formats (seed API names kept)."""
+
+    ELF = "elf"
+    KDUMP_COMPRESSED = "kdump"
+    KDUMP_FLATTENED = "kdump-flat"  # makedumpfile -F: for pipes and stdout
+
+    @classmethod
+    def parse(cls, value: str | OutputFormat) -> OutputFormat:
+        if isinstance(value, OutputFormat):
+            return value
+        for member in cls:
+            if value.lower() in (member.value, member.name.lower()):
+                return member
+        names = ", ".join(m.value for m in cls)
+        raise UsageError(f"unknown format {value!r}; choose one of {names}")
+
+
+@dataclass
+class WriteResult:
+    path: str | None
+    format: OutputFormat
+    compression: CompressionType
+    bytes_in: int  # memory bytes described by the dump
+    bytes_out: int  # size of the file or stream written
+    elapsed: float
+    pages: int = 0
+    zero_pages: int = 0
+    compressed_pages: int = 0
+    raw_pages: int = 0
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def write_dump(
+    image: CoreImage,
+    output: str | os.PathLike[str] | BinaryIO,
+    *,
+    format: OutputFormat | str = OutputFormat.ELF,
+    compression: CompressionType | str | int = CompressionType.ZLIB,
+    compression_level: int = 1,
+    dump_level: int = 0,
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+    fsync: bool = True,
+    mode: int = 0o600,
+) -> WriteResult:
+    """Write ``image`` to ``output``.
+
+    A path is written as ``PATH.incomplete`` (created 0600, never through a symlink), flushed
+    and renamed into place; on any failure, interruption included, the partial file is removed,
+    so a path either holds a whole dump or nothing. A binary stream receives ELF or flattened
+    kdump sequentially (stdout, a pipe, a socket); KDUMP_COMPRESSED needs a seekable file.
+    ``compression`` applies to the kdump formats only. ``dump_level`` bit 1 (makedumpfile -d 1)
+    stores every zero page as one shared page (kdump) or as holes (ELF).
+    """
+    fmt = OutputFormat.parse(format)
+    ctype = parse_compression(compression)
+    if fmt is OutputFormat.ELF:
+        ctype = CompressionType.NONE
+    if not 0 <= dump_level <= 31:
+        raise UsageError(f"dump level must be 0..31, got {dump_level}")
+    if threads is not None and threads < 1:
+        raise UsageError("threads must be at least 1")
+
+    total = image.memory_size
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(min(done, total), total)
+
+    started = time.monotonic()
+    if isinstance(output, str | os.PathLike):
+        path = os.fspath(output)
+        result = _write_path(image, path, fmt, ctype, compression_level, dump_level, threads,
+                             step, fsync, mode)
+    else:
+        path = None
+        sink = _stream_sink(output, fmt)
+        result = _run(image, sink, fmt, ctype, compression_level, dump_level, threads, step)
+        sink.finish()
+    result.path = path
+    result.elapsed = time.monotonic() - started
+    return result
+
+
+def _stream_sink(stream: BinaryIO, fmt: OutputFormat) -> Sink:
+    name = getattr(stream, "name", "<stream>")
+    name = name if isinstance(name, str) else "<stream>"
+    if fmt is OutputFormat.KDUMP_FLATTENED:
+        return FlattenedSink(stream, name)
+    if fmt is OutputFormat.ELF:
+        return StreamSink(stream, name)
+    try:
+        seekable = stream.seekable()
+        fd = stream.fileno()
+    except (OSError, AttributeError, ValueError):
+        seekable = False
+    if not seekable:
+        raise UsageError("the kdump format needs a seekable file; use kdump-flat for streams")
+    stream.flush()
+    return FileSink(fd, name)
+
+
+def _run(image: CoreImage, sink: Sink, fmt: OutputFormat, ctype: CompressionType, level: int,
+         dump_level: int, threads: int | None, step: Callable[[int], None]) -> WriteResult:
+    try:
+        if fmt is OutputFormat.ELF:
+            write_elf(image, sink, zero_holes=True if dump_level & 1 and sink.supports_holes
+                      else None, progress=step)
+            result = WriteResult(None, fmt, ctype, image.memory_size, sink.size, 0.0)
+        else:
+            stats = write_kdump(image, sink, compression=ctype, level=level,
+                                dump_level=dump_level, threads=threads, progress=step)
+            result = WriteResult(None, fmt, ctype, image.memory_size, sink.size, 0.0,
+                                 stats.pages, stats.zero_pages, stats.compressed_pages,
+                                 stats.raw_pages)
+    finally:
+        for seg in image.segments:
+            seg.source.close()
+    if fmt is OutputFormat.KDUMP_FLATTENED:
+        # The stream also carries the 4 KiB header, 16 bytes per record and the end marker.
+        result.bytes_out = sink.bytes_written
+    return result
+
+
+def _write_path(image: CoreImage, path: str, fmt: OutputFormat, ctype: CompressionType,
+                level: int, dump_level: int, threads: int | None, step: Callable[[int], None],
+                fsync: bool, mode: int) -> WriteResult:
+    tmp = path + INCOMPLETE_SUFFIX
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except OSError as err:
+        raise DumpWriteError.from_oserror(err, tmp) from err
+    try:
+        if fmt is OutputFormat.KDUMP_FLATTENED:
+            stream = os.fdopen(os.dup(fd), "wb", buffering=1 << 20)
+            try:
+                sink: Sink = FlattenedSink(stream, tmp)
+                result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
+                sink.finish()
+            finally:
+                stream.close()
+        else:
+            sink = FileSink(fd, tmp)
+            result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
+            sink.finish()
+        result.bytes_out = os.fstat(fd).st_size
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, path)
+        if fsync:
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except BaseException as exc:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise DumpWriteError.from_oserror(exc, path) from exc
+        raise
+    return result
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

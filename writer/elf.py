@@ -1,0 +1,191 @@
+"""ELF64 core files: kernel vmcores and process cores.
+
+Layouts: Elf64_Ehdr / Elf64_Phdr / Elf64_Shdr from the gABI (include/uapi/linux/elf.h).
+Reader demands (dump-formats.md §2.4, §8): exactly one PT_NOTE, as program header 0, before all
+data (crash reads only phdr 0 as notes and only the file prefix before the first PT_LOAD);
+PT_LOAD p_align 0 for vmcores (crash calls a file "netdump" otherwise); PN_XNUM with the real
+count in section header 0's sh_info at >= 0xffff program headers (crash segfaults without it).
+Process cores follow fs/binfmt_elf.c elf_core_dump: page-aligned data, p_align = page size,
+p_paddr 0, p_filesz 0 for ranges not dumped; pages of zeros are left as holes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .image import CoreImage, DumpKind
+from .layout import checked_segments
+from .notes import pack_notes
+from .segments import MemorySegment, ZeroSource
+from .sinks import Sink
+
+# e_ident / header constants
+ELFMAG = b"\x7fELF"
+ELFCLASS64 = 2
+ELFDATA2LSB, ELFDATA2MSB = 1, 2
+EV_CURRENT = 1
+ET_CORE = 4
+PT_LOAD, PT_NOTE = 1, 4
+PN_XNUM = 0xFFFF
+# makedumpfile sets this in e_flags of ELF output it had to cut short; crash warns on it
+# (makedumpfile.c check_and_modify_elf_headers, crash netdump.c).
+DUMP_ELF_INCOMPLETE = 0x1
+
+EHDR = {e: struct.Struct(e + "16sHHIQQQIHHHHHH") for e in "<>"}  # 64 bytes
+PHDR = {e: struct.Struct(e + "IIQQQQQQ") for e in "<>"}  # 56 bytes
+SHDR = {e: struct.Struct(e + "IIQQQQIIQQ") for e in "<>"}  # 64 bytes
+EHDR_SIZE, PHDR_SIZE, SHDR_SIZE = 64, 56, 64
+
+CHUNK = 1 << 20
+ProgressFn = Callable[[int], None]
+
+
+def pack_ehdr(endian: str, machine: int, phnum: int, shoff: int, flags: int = 0) -> bytes:
+    ident = ELFMAG + bytes(
+        [ELFCLASS64, ELFDATA2MSB if endian == ">" else ELFDATA2LSB, EV_CURRENT]
+    )
+    xnum = phnum >= PN_XNUM
+    return EHDR[endian].pack(
+        ident.ljust(16, b"\0"), ET_CORE, machine, EV_CURRENT, 0, EHDR_SIZE,
+        shoff if xnum else 0, flags, EHDR_SIZE, PHDR_SIZE,
+        PN_XNUM if xnum else phnum,
+        SHDR_SIZE if xnum else 0, 1 if xnum else 0, 0,
+    )
+
+
+@dataclass
+class _Load:
+    seg: MemorySegment
+    offset: int
+
+
+def write_elf(
+    image: CoreImage,
+    sink: Sink,
+    *,
+    zero_holes: bool | None = None,
+    progress: ProgressFn | None = None,
+    mark_incomplete: bool = True,
+) -> int:
+    """Write ``image`` as an ELF core to ``sink``; returns the file size.
+
+    ``zero_holes``: skip writing all-zero pages (a sparse file). Default: on for process cores
+    when the sink can make holes. The header first goes out with DUMP_ELF_INCOMPLETE set and is
+    rewritten at the end, so a file cut short says so (seekable sinks only).
+    """
+    endian = image.arch.endian
+    process = image.kind is DumpKind.PROCESS
+    segments: Sequence[MemorySegment] = checked_segments(image)
+    page = image.effective_page_size
+    if zero_holes is None:
+        zero_holes = process and sink.supports_holes
+    notes = pack_notes(endian, image.notes).data
+
+    phnum = 1 + len(segments)
+    xnum = phnum >= PN_XNUM
+    phoff = EHDR_SIZE
+    shoff = phoff + phnum * PHDR_SIZE
+    notes_off = shoff + (SHDR_SIZE if xnum else 0)
+    data_off = notes_off + len(notes)
+    if process:
+        data_off += -data_off % page  # ELF_EXEC_PAGESIZE alignment, as the kernel does
+
+    loads: list[_Load] = []
+    pos = data_off
+    for seg in segments:
+        if process and seg.size:
+            pos += -pos % page
+        loads.append(_Load(seg, pos))
+        pos += seg.size
+    file_size = pos
+
+    phdrs = bytearray()
+    ph = PHDR[endian]
+    phdrs += ph.pack(PT_NOTE, 0, notes_off, 0, 0, len(notes), len(notes), 4 if process else 0)
+    for load in loads:
+        seg = load.seg
+        if process:
+            vaddr, paddr, align = seg.effective_virt_addr, 0, page
+        else:
+            vaddr, paddr, align = seg.effective_virt_addr, seg.phys_addr, 0
+        phdrs += ph.pack(PT_LOAD, seg.flags, load.offset, vaddr, paddr, seg.size, seg.memsz, align)
+
+    head = bytearray()
+    live_incomplete = mark_incomplete and sink.seekable
+    head += pack_ehdr(endian, image.arch.machine, phnum, shoff,
+                      DUMP_ELF_INCOMPLETE if live_incomplete else 0)
+    head += phdrs
+    if xnum:
+        # Section header 0 carries the real program header count (gABI "Extended numbering").
+        head += SHDR[endian].pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0)
+    head += notes
+    sink.write_at(0, head)
+    if data_off > len(head):
+        sink.hole(len(head), data_off - len(head))
+
+    zero = bytes(CHUNK)
+    for load in loads:
+        seg = load.seg
+        _write_segment(sink, seg, load.offset, zero if zero_holes else None, page, progress)
+
+    if sink.size < file_size:
+        sink.hole(sink.size, file_size - sink.size)
+    if live_incomplete:
+        sink.write_at(0, pack_ehdr(endian, image.arch.machine, phnum, shoff, 0))
+    return file_size
+
+
+def _write_segment(
+    sink: Sink, seg: MemorySegment, offset: int, zero: bytes | None, page: int,
+    progress: ProgressFn | None,
+) -> None:
+    src = seg.source
+    if isinstance(src, ZeroSource):
+        sink.hole(offset, seg.size)
+        if progress:
+            progress(seg.size)
+        return
+    if zero is None and sink.supports_holes:
+        frange = src.file_range()
+        if frange is not None and sink.copy_from_fd(offset, frange[0], frange[1], seg.size):
+            if progress:
+                progress(seg.size)
+            return
+    done = 0
+    while done < seg.size:
+        n = min(CHUNK, seg.size - done)
+        data = src.read(done, n)
+        if zero is not None:
+            _write_sparse(sink, offset + done, memoryview(data), zero, page)
+        else:
+            sink.write_at(offset + done, data)
+        done += n
+        if progress:
+            progress(n)
+
+
+def _write_sparse(sink: Sink, offset: int, view: memoryview, zero: bytes, page: int) -> None:
+    """Write ``view`` at ``offset``, leaving runs of all-zero pages as holes."""
+    if view == zero[: len(view)]:
+        sink.hole(offset, len(view))
+        return
+    # Page granularity: page-aligned in the file because process data starts page-aligned.
+    start = 0
+    n = len(view)
+    i = 0
+    while i < n:
+        j = min(i + page, n)
+        if view[i:j] == zero[: j - i]:
+            if start < i:
+                sink.write_at(offset + start, view[start:i])
+            k = j
+            while k < n and view[k : min(k + page, n)] == zero[: min(k + page, n) - k]:
+                k = min(k + page, n)
+            sink.hole(offset + i, k - i)
+            start = i = k
+        else:
+            i = j
+    if start < n:
+        sink.write_at(offset + start, view[start:n])
