@@ -74,7 +74,7 @@ S390xReg = IntEnum(  # type: ignore[misc]
     + [(f"A{i}", 18 + i) for i in range(16)]
     + [("ORIG_GPR2", 34)],
 )
-S390xReg.__doc__ = "Slots of s390 ``s390_regs``: psw mask/addr, r0..r15, a0..a15 (32-bit), orig_gpr2."
+S390xReg.__doc__ = "Slots of s390 ``s390_regs``: psw mask/addr, r0..r15, a0..a15, orig_gpr2."
 
 Ppc64Reg = IntEnum(  # type: ignore[misc]
     "Ppc64Reg",
@@ -194,4 +194,5 @@ def arch_from_machine(machine: int, big_endian: bool) -> ArchInfo:
     for info in ARCHITECTURES.values():
         if info.machine == machine and info.big_endian == big_endian:
             return info
-    raise UnsupportedArchError(f"unsupported ELF machine {machine} ({'BE' if big_endian else 'LE'})")
+    order = "big" if big_endian else "little"
+    raise UnsupportedArchError(f"unsupported ELF machine {machine} ({order}-endian)")

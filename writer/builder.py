@@ -136,7 +136,9 @@ class KdumpBuilder:
         if any(c.cpu_id == cpu_id for c in self._cpu_contexts):
             raise UsageError(f"CPU {cpu_id} already has a context")
         ctx = CpuContext(cpu_id=cpu_id, pid=pid, registers=dict(registers or {}),
-                         pr_pid=kwargs.pop("pr_pid", pid), **kwargs)
+                         pr_pid=kwargs.pop("pr_pid", pid))
+        for key, value in kwargs.items():
+            setattr(ctx, key, int(value))
         prstatus_note(self._arch_info, ctx)  # validate now, not at write time
         self._cpu_contexts.append(ctx)
         return self

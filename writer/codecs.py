@@ -100,7 +100,7 @@ class PageCodec:
                 from isal import isal_zlib  # type: ignore[import-untyped]
             except ImportError:
                 return lambda: (lambda page: zlib.compress(page, level))
-            # ISA-L knows levels 0..3; its level 1 matches zlib -1's size within ~1% (codec-speed.md)
+            # ISA-L knows levels 0..3; level 1 is within ~1% of zlib level 1's size (codec-speed.md)
             ilevel = min(level, 3)
             return lambda: (lambda page: isal_zlib.compress(page, ilevel))
         if self.type == CompressionType.LZO:
@@ -118,7 +118,8 @@ class PageCodec:
 
             def make() -> Compressor:
                 # One compressor per thread: sharing one crashed the process (codec-speed.md).
-                return zstandard.ZstdCompressor(level=level).compress  # type: ignore[no-any-return]
+                comp: Compressor = zstandard.ZstdCompressor(level=level).compress
+                return comp
 
             return make
         raise UsageError(f"unknown compression {self.type!r}")

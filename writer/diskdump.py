@@ -34,7 +34,7 @@ NEW_UTS_LEN = 64  # each utsname field is char[65]
 DISK_DUMP_HEADER = {e: struct.Struct(e + "8si65s65s65s65s65s65s6xqqIiiIIIIIIi") for e in "<>"}
 # struct kdump_sub_header (header_version 6)
 KDUMP_SUB_HEADER = {e: struct.Struct(e + "QiiQQqQqQqQQQQ") for e in "<>"}
-# struct page_desc {off_t offset; unsigned int size; unsigned int flags; unsigned long long page_flags}
+# struct page_desc {off_t offset; unsigned int size, flags; unsigned long long page_flags}
 PAGE_DESC = {e: struct.Struct(e + "qIIQ") for e in "<>"}
 
 # libkdumpfile accepts block sizes in this range only (kdumpfile-priv.h MIN/MAX_PAGE_SIZE).

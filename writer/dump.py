@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -182,10 +183,8 @@ def _write_path(image: CoreImage, path: str, fmt: OutputFormat, ctype: Compressi
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(exc, OSError):
             raise DumpWriteError.from_oserror(exc, path) from exc
         raise

@@ -34,9 +34,9 @@ CORE_NOTE_NAME = b"CORE"
 LINUX_NOTE_NAME = b"LINUX"
 DEFAULT_NOTE_VENDOR = b"KDUMPLING"
 
-# Types that some reader recognises whatever the owner name: crash counts every type-1 note as a
-# CPU (netdump.c dump_Elf64_Nhdr), and treats 2, 3, 4 as FPREGSET, PRPSINFO, TASKSTRUCT. Custom notes
-# must stay clear of them.
+# Types that some reader recognises whatever the owner name: crash counts every type-1 note as
+# a CPU (netdump.c dump_Elf64_Nhdr), and treats 2, 3, 4 as FPREGSET, PRPSINFO, TASKSTRUCT.
+# Custom notes must stay clear of them.
 READER_CLAIMED_TYPES = frozenset({1, 2, 3, 4})
 
 
