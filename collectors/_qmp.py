@@ -122,8 +122,8 @@ class QmpClient:
                     self._queue_event(reply)
                     continue
                 if "error" in reply:
-                    err = reply["error"]
-                    raise QmpError(command, err.get("class", "?"), err.get("desc", ""))
+                    info = reply["error"]
+                    raise QmpError(command, info.get("class", "?"), info.get("desc", ""))
                 if "return" in reply:
                     return reply["return"]
 

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
+from typing import Any, BinaryIO, cast
 
 from kdumpling.errors import CaptureInterrupted, DumpWriteError, FormatError, UsageError
 from kdumpling.image import CoreImage
@@ -37,22 +38,38 @@ class DumpStream(io.RawIOBase):
         self._abort = threading.Event()
 
     @property
-    def name(self) -> str:  # type: ignore[override]
+    def name(self) -> str:
         return self._name
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+    def _check(self) -> None:
         if self._abort.is_set():
             raise CaptureInterrupted("the capture was aborted")
         if self.fd < 0:
             raise ValueError("read from a closed dump stream")
+
+    def readinto(self, buffer: Any) -> int:
+        self._check()
         n = os.readv(self.fd, [buffer])
         if n == 0:
             self.eof = True
         self.bytes_read += n
         return n
+
+    def read(self, size: int = -1) -> bytes:
+        """One read(2): a single copy (RawIOBase.read would copy twice)."""
+        if size < 0:
+            return self.readall()
+        self._check()
+        data = os.read(self.fd, size)
+        if not data:
+            self.eof = True
+        self.bytes_read += len(data)
+        return data
+
+    read1 = read
 
     def abort(self) -> None:
         self._abort.set()
@@ -126,20 +143,23 @@ def copy_to_spool(stream: DumpStream, spool_fd: int,
     return total
 
 
-def image_from_stream(stream: io.RawIOBase | io.BufferedIOBase) -> CoreImage:
+def image_from_stream(stream: DumpStream) -> tuple[CoreImage, list[str]]:
     """The CoreImage of an ELF vmcore arriving on a stream (segments read it sequentially)."""
-    from kdumpling.reader import read_elf_stream
+    from kdumpling.reader import open_elf_stream
 
-    return read_elf_stream(stream)
+    reader = open_elf_stream(cast(BinaryIO, stream), name=stream.name)
+    return reader.image, reader.warnings
 
 
-def image_from_spool(spool_fd: int, name: str) -> CoreImage:
+def image_from_spool(spool_fd: int, name: str) -> tuple[CoreImage, list[str], Any]:
     """The CoreImage of the ELF vmcore in a spool file (random access through the reader)."""
     from kdumpling.reader import open_dump
 
-    # /proc/self/fd/N opens the unlinked file again with its own offset.
+    # /proc/self/fd/N opens the unlinked file again, with its own file offset.
     try:
         dump = open_dump(f"/proc/self/fd/{spool_fd}")
     except FormatError as err:
         raise FormatError(f"{name}: {err}", err.offset) from err
-    return dump.to_image()
+    image = dump.to_image()
+    image.extra["source"] = name
+    return image, list(getattr(dump, "warnings", [])), dump

@@ -34,7 +34,13 @@ from typing import Any
 from kdumpling.errors import KdumplingError, TargetGoneError, UsageError
 
 from ._qmp import QmpClient, QmpError, QmpEvent, pipe_cloexec, set_pipe_size
-from ._stream import DumpStream, copy_to_spool, image_from_spool, image_from_stream, spool_file
+from ._stream import (
+    DumpStream,
+    copy_to_spool,
+    image_from_spool,
+    image_from_stream,
+    spool_file,
+)
 from .base import Snapshot
 
 PIPE_SIZE = 1 << 20  # a 1 MiB pipe halves the pause against the 64 KiB default (measured)
@@ -65,6 +71,7 @@ class QmpCollector:
         self._client: QmpClient | None = None
         self._stream: DumpStream | None = None
         self._spool_fd = -1
+        self._spool_dump: Any = None
         self._snapshot: Snapshot | None = None
         self._monitor: threading.Thread | None = None
         self._done = threading.Event()
@@ -134,11 +141,11 @@ class QmpCollector:
             self._stream.close()
             self._finish_dump()
             pause = self._pause()
-            image = image_from_spool(self._spool_fd, target)
-            snap = Snapshot(image, target, pause_seconds=pause, meta=meta)
+            image, warnings, self._spool_dump = image_from_spool(self._spool_fd, target)
+            snap = Snapshot(image, target, pause_seconds=pause, meta=meta, warnings=warnings)
         else:
-            image = image_from_stream(self._stream)
-            snap = Snapshot(image, target, meta=meta)
+            image, warnings = image_from_stream(self._stream)
+            snap = Snapshot(image, target, meta=meta, warnings=warnings)
         if not self._was_running:
             snap.warnings.append("the guest was already paused; it was not resumed")
         self._snapshot = snap
@@ -212,9 +219,11 @@ class QmpCollector:
         try:
             if stream is not None and stream.fd >= 0:
                 if not failed:
+                    # QEMU >= 7.2 ends its ELF with the section-name string table
+                    # (dump/dump.c prepare_elf_section_hdrs): a few bytes nobody needs.
                     left = stream.drain()
-                    if left and snap is not None:
-                        snap.warnings.append(f"{left} bytes after the last segment were ignored")
+                    if snap is not None:
+                        snap.meta["trailing_bytes"] = left
                 # Closing early makes QEMU's next write fail with EPIPE: it ends the dump as
                 # failed and resumes the guest.
                 stream.close()
@@ -229,6 +238,9 @@ class QmpCollector:
                     snap.meta["capture_seconds"] = time.monotonic() - self._started
         finally:
             self._stop_monitor.set()
+            if self._spool_dump is not None:
+                self._spool_dump.close()
+                self._spool_dump = None
             if self._spool_fd >= 0:
                 os.close(self._spool_fd)
                 self._spool_fd = -1

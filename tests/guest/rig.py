@@ -285,7 +285,8 @@ while read -r range perms off dev inode name; do
     [ $((e - s)) -ge {ANON_MB << 20} ] || continue
     # skip the first and last page of the mapping: allocator headers, partial records
     first=$((s / 4096 + 1)); count=$(((e - s) / 4096 - 2))
-    for w in $(dd if=/proc/$pid/pagemap bs=8 skip=$first count=$count 2>/dev/null | od -An -v -tx8); do
+    for w in $(dd if=/proc/$pid/pagemap bs=8 skip=$first count=$count 2>/dev/null \
+               | od -An -v -tx8); do
         ent=$((0x$w))
         if [ $ent -lt 0 ] && [ $((i % 16)) -eq 0 ] && [ $n -lt 48 ]; then
             pfns="$pfns $(printf %x $((ent & 0x7fffffffffffff)))"
@@ -472,14 +473,18 @@ class QemuGuest:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
         try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+        finally:
+            if self.ram_file is not None:  # QEMU creates it but never removes it
+                with contextlib.suppress(FileNotFoundError):
+                    self.ram_file.unlink()
 
 
 # --- libvirt -----------------------------------------------------------------------------------
