@@ -293,7 +293,7 @@ def _target(name: str, table: Any, where: str) -> TargetConfig:
                 raise c.fail(sel, f"must be an absolute path, got {value!r}")
             params[sel] = value
         params["select"] = c.string("select", "oldest", ("oldest", "newest"))
-        params["mode"] = c.string("mode")
+        params["mode"] = c.string("mode", None, ("consistent", "low-pause"))
         params["filter"] = c.integer("filter", 0, 0x1FF)
         params["size_cap"] = c.size("size_cap")
     elif kind == "libvirt":

@@ -1,0 +1,83 @@
+"""``debug ID|PATH``: open a snapshot in a debugger, like ``coredumpctl debug``.
+
+Process cores open in gdb (with the executable recorded at capture); kernel dumps in drgn, or in
+crash when ``--vmlinux`` is given (crash needs the kernel's debug info, drgn finds it itself).
+``--debugger`` and ``-A/--debugger-arguments`` (or ``$KDUMPLING_DEBUGGER``) override, as
+coredumpctl's ``--debugger``/``-A`` and ``$SYSTEMD_DEBUGGER`` do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+from typing import Any
+
+from kdumpling.errors import UsageError
+
+from .cmd_info import dump_facts, locate
+from .common import Context, add_common, add_directory
+from .targets import FeatureUnavailableError
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("debug", help="open a snapshot in gdb, drgn or crash",
+                       description="Start a debugger on a snapshot: gdb for process cores, drgn "
+                                   "(or crash with --vmlinux) for kernel dumps.")
+    p.add_argument("what", metavar="ID|PATH")
+    p.add_argument("--debugger", metavar="CMD", help="debugger to run (gdb, drgn, crash, ...)")
+    p.add_argument("-A", "--debugger-arguments", metavar="ARGS", default="",
+                   help="extra arguments, shell-quoted, put before the dump")
+    p.add_argument("--vmlinux", metavar="FILE", help="kernel with debug info (for crash)")
+    add_directory(p)
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def command_for(kind: str, path: str, exe: str | None, debugger: str | None,
+                extra: list[str], vmlinux: str | None) -> list[str]:
+    if debugger is None:
+        if kind == "process":
+            debugger = "gdb"
+        elif vmlinux or not shutil.which("drgn"):
+            debugger = "crash"
+        else:
+            debugger = "drgn"
+    name = os.path.basename(debugger)
+    if name == "gdb":
+        return [debugger, *extra, exe, path] if exe else [debugger, *extra, "-c", path]
+    if name == "drgn":
+        return [debugger, *extra, "-c", path]
+    if name == "crash":
+        if not vmlinux:
+            raise UsageError("crash needs the kernel's debug info: --vmlinux FILE "
+                             "(or use --debugger drgn)")
+        return [debugger, *extra, vmlinux, path]
+    return [debugger, *extra, path]
+
+
+def run(ctx: Context) -> int:
+    a = ctx.args
+    loc = locate(ctx, a.what)
+    loc.close()
+    kind = exe = None
+    if loc.record is not None:
+        kind = loc.record.data.get("kind")
+        exe = loc.record.data.get("exe")
+    if kind is None:
+        try:
+            kind = dump_facts(loc.path)["kind"]
+        except FeatureUnavailableError:
+            kind = "process"
+    if exe and not os.path.exists(str(exe)):
+        exe = None  # the binary was upgraded or removed: gdb still reads the core alone
+    debugger = a.debugger or os.environ.get("KDUMPLING_DEBUGGER") or None
+    argv = command_for(str(kind), loc.path, str(exe) if exe else None, debugger,
+                       shlex.split(a.debugger_arguments), a.vmlinux)
+    if not shutil.which(argv[0]):
+        raise FeatureUnavailableError(f"{argv[0]} is not installed")
+    if ctx.args.verbose:
+        ctx.say("running: " + shlex.join(argv))
+    return subprocess.run(argv, check=False).returncode
