@@ -6,9 +6,8 @@ import io
 import os
 import struct
 
-import pytest
-
 import kdumpling
+import pytest
 from kdumpling import (
     AArch64Reg,
     CompressionType,
@@ -74,7 +73,7 @@ def test_sizes_in_human_units() -> None:
 
 @pytest.mark.parametrize("name", ["sparc64", "i386", ""])
 def test_unknown_arch_names_supported_ones(name: str) -> None:
-    with pytest.raises(ValueError, match="Supported: .*x86_64"):
+    with pytest.raises(ValueError, match=r"Supported: .*x86_64"):
         KdumpBuilder(arch=name)
 
 
@@ -118,7 +117,7 @@ def test_big_endian_prstatus() -> None:
 
 
 def test_unknown_register_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown x86_64 register 'XYZ'.*RIP"):
+    with pytest.raises(ValueError, match=r"unknown x86_64 register 'XYZ'.*RIP"):
         KdumpBuilder().add_cpu_context(0, {"XYZ": 1})
     with pytest.raises(ValueError, match="does not belong"):
         KdumpBuilder().add_cpu_context(0, {AArch64Reg.PC: 1})
@@ -155,7 +154,8 @@ def test_notes_order_cpus_then_vmcoreinfo(tmp_path: str) -> None:
     b.add_annotations({"k": "v"})
     out = os.path.join(tmp_path, "o.elf")
     b.write(out)
-    data = open(out, "rb").read()
+    with open(out, "rb") as f:
+        data = f.read()
     (off,) = struct.unpack_from("<Q", data, 64 + 8)  # phdr 0 p_offset
     (size,) = struct.unpack_from("<Q", data, 64 + 32)  # phdr 0 p_filesz
     notes = [n for _, n in iter_notes(data[off : off + size], "<")]
@@ -213,6 +213,6 @@ def test_memory_segment_sources(tmp_path: str) -> None:
 def test_kdump_to_a_pipe_needs_the_flattened_format() -> None:
     b = KdumpBuilder().set_vmcoreinfo(VMCI).add_memory_segment(0, b"a" * 4096)
     r, w = os.pipe()
-    with os.fdopen(w, "wb") as stream, os.fdopen(r, "rb"):
-        with pytest.raises(ValueError, match="kdump-flat"):
-            b.write(stream, format="kdump")
+    with os.fdopen(w, "wb") as stream, os.fdopen(r, "rb"), \
+            pytest.raises(ValueError, match="kdump-flat"):
+        b.write(stream, format="kdump")

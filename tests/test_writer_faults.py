@@ -10,10 +10,10 @@ import sys
 import textwrap
 import time
 
-import pytest
-
 import kdumpling
+import pytest
 from kdumpling import CallableSource, KdumpBuilder
+
 from tests.readers import crash_osrelease, drgn_program, lkf_open, lkf_read_phys
 
 VMCI = ("OSRELEASE=6.1.0-faults\nPAGESIZE=4096\nSYMBOL(swapper_pg_dir)=ffffffff82a0c000\n"

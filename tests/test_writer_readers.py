@@ -9,9 +9,9 @@ import subprocess
 from dataclasses import dataclass
 
 import pytest
-
 from kdumpling import KdumpBuilder
 from kdumpling.arch import get_arch
+
 from tests.readers import (
     crash_osrelease,
     drgn_program,

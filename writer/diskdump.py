@@ -202,10 +202,11 @@ def write_kdump(
         parts: list[bytes | memoryview] = []
         sizes: list[int] = []  # >0 compressed size, -page raw, 0 zero page
         for i in range(count):
-            p = view[i * page : (i + 1) * page]
-            if exclude_zero and p == zero_page:
+            # startswith is a memcmp in place; memoryview == compares item by item (~30x slower)
+            if exclude_zero and data.startswith(zero_page, i * page):
                 sizes.append(0)
                 continue
+            p = view[i * page : (i + 1) * page]
             if comp is not None:
                 c = comp(p)
                 if len(c) < page:  # keep only if strictly smaller (write_kdump_pages_cyclic)

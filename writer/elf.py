@@ -158,7 +158,7 @@ def _write_segment(
         n = min(CHUNK, seg.size - done)
         data = src.read(done, n)
         if zero is not None:
-            _write_sparse(sink, offset + done, memoryview(data), zero, page)
+            _write_sparse(sink, offset + done, data, zero, page)
         else:
             sink.write_at(offset + done, data)
         done += n
@@ -166,23 +166,31 @@ def _write_segment(
             progress(n)
 
 
-def _write_sparse(sink: Sink, offset: int, view: memoryview, zero: bytes, page: int) -> None:
-    """Write ``view`` at ``offset``, leaving runs of all-zero pages as holes."""
-    if view == zero[: len(view)]:
-        sink.hole(offset, len(view))
+def _write_sparse(sink: Sink, offset: int, data: bytes, zero: bytes, page: int) -> None:
+    """Write ``data`` at ``offset``, leaving runs of all-zero pages as holes.
+
+    Zero tests use ``bytes.startswith(zero_page, pos)``: a memcmp without a copy, where
+    comparing memoryview slices goes item by item and is ~30x slower.
+    """
+    n = len(data)
+    if (data == zero) if n == len(zero) else (data == zero[:n]):
+        sink.hole(offset, n)
         return
-    # Page granularity: page-aligned in the file because process data starts page-aligned.
+    zero_page = zero[:page]
+    view = memoryview(data)
     start = 0
-    n = len(view)
     i = 0
     while i < n:
         j = min(i + page, n)
-        if view[i:j] == zero[: j - i]:
+        if data.startswith(zero_page[: j - i], i) if j - i < page else data.startswith(
+                zero_page, i):
+            k = j
+            while k + page <= n and data.startswith(zero_page, k):
+                k += page
+            if k < n and n - k < page and data.startswith(zero_page[: n - k], k):
+                k = n
             if start < i:
                 sink.write_at(offset + start, view[start:i])
-            k = j
-            while k < n and view[k : min(k + page, n)] == zero[: min(k + page, n) - k]:
-                k = min(k + page, n)
             sink.hole(offset + i, k - i)
             start = i = k
         else:
