@@ -216,3 +216,9 @@ def test_kdump_to_a_pipe_needs_the_flattened_format() -> None:
     with os.fdopen(w, "wb") as stream, os.fdopen(r, "rb"), \
             pytest.raises(ValueError, match="kdump-flat"):
         b.write(stream, format="kdump")
+
+
+def test_dump_levels_needing_struct_page_are_refused(tmp_path: str) -> None:
+    b = KdumpBuilder().set_vmcoreinfo(VMCI).add_memory_segment(0, b"a" * 4096)
+    with pytest.raises(ValueError, match="dump level 31 is not supported"):
+        b.write(os.path.join(tmp_path, "x"), format="kdump", dump_level=31)

@@ -81,8 +81,13 @@ def write_dump(
     ctype = parse_compression(compression)
     if fmt is OutputFormat.ELF:
         ctype = CompressionType.NONE
-    if not 0 <= dump_level <= 31:
-        raise UsageError(f"dump level must be 0..31, got {dump_level}")
+    if dump_level not in (0, 1):
+        # Bits 2..16 need the dumped kernel's struct page array (makedumpfile
+        # __exclude_unnecessary_pages); recording them without excluding would mislead readers.
+        raise UsageError(
+            f"dump level {dump_level} is not supported: only 0 and 1 (exclude zero pages); "
+            "use makedumpfile on the result for page-cache, user or free page filtering"
+        )
     if threads is not None and threads < 1:
         raise UsageError("threads must be at least 1")
 
