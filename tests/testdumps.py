@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import struct
 import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kdumpling.arch import ArchInfo, get_arch
 from kdumpling.notes import CpuContext, Note, pack_note, prstatus_note, vmcoreinfo_note
+
+from tests import readers
 
 PAGE = 4096
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 PAGE_OFFSET = 0xFFFF888000000000
 OSRELEASE = "6.1.0-kdumpling-test"
 CRASHTIME = 1700000000
-KDUMPFILE_DIR = "/usr/lib/python3/dist-packages"
 
 # physical layout of the synthetic machine
 KERNEL_BASE = 0x100000  # page tables, utsname, mem_map pointer live here
@@ -286,63 +283,12 @@ def pack_elf_vmcore(
 # --- real tools --------------------------------------------------------------------------------
 
 
-def have(tool: str) -> bool:
-    return shutil.which(tool) is not None
-
-
-def makedumpfile(args: list[str], stdout: str | None = None) -> None:
-    """Run makedumpfile; raise with its output on failure."""
-    out = open(stdout, "wb") if stdout else subprocess.DEVNULL  # noqa: SIM115
-    try:
-        proc = subprocess.run(["makedumpfile", "--message-level", "7", *args], stdout=out,
-                              stderr=subprocess.PIPE, timeout=120, check=False)
-    finally:
-        if stdout:
-            out.close()  # type: ignore[union-attr]
+def makedumpfile(args: list[str], stdout: str | os.PathLike[str] | None = None) -> None:
+    """Run makedumpfile (skips the test when it is missing); raise with its output on failure."""
+    exe = readers.tool("makedumpfile")
+    with open(stdout, "wb") if stdout else open(os.devnull, "wb") as out:
+        proc = subprocess.run([exe, *args], stdout=out, stderr=subprocess.PIPE, timeout=120,
+                              check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"makedumpfile {' '.join(args)} failed ({proc.returncode}):\n"
                            + proc.stderr.decode(errors="replace")[-3000:])
-
-
-def kdumpfile_module():  # type: ignore[no-untyped-def]
-    """Debian's python3-libkdumpfile (module ``kdumpfile``), or None."""
-    if KDUMPFILE_DIR not in sys.path and os.path.isdir(KDUMPFILE_DIR):
-        sys.path.append(KDUMPFILE_DIR)
-    try:
-        import kdumpfile
-    except ImportError:
-        return None
-    return kdumpfile
-
-
-def kdumpfile_pages(path: str, pfns: Iterator[int] | list[int]) -> dict[int, bytes | None]:
-    """libkdumpfile's view of each PFN (machine-physical reads); None where it fails."""
-    kd = kdumpfile_module()
-    assert kd is not None
-    k = kd.kdumpfile(path)
-    out: dict[int, bytes | None] = {}
-    for pfn in pfns:
-        try:
-            out[pfn] = bytes(k.read(kd.KDUMP_MACHPHYSADDR, pfn * PAGE, PAGE))
-        except Exception:  # noqa: BLE001 - any libkdumpfile error means "no data"
-            out[pfn] = None
-    return out
-
-
-def drgn_pages(path: str, pfns: Iterator[int] | list[int]) -> dict[int, bytes | None]:
-    import drgn
-
-    prog = drgn.Program()
-    prog.set_core_dump(path)
-    out: dict[int, bytes | None] = {}
-    for pfn in pfns:
-        try:
-            out[pfn] = prog.read(pfn * PAGE, PAGE, True)
-        except drgn.FaultError:
-            out[pfn] = None
-    return out
-
-
-def write_file(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path

@@ -555,7 +555,7 @@ class ElfDump(Dump):
             if shoff == 0 or shoff + SHDR_SIZE > size:
                 raise self._err("e_phnum is PN_XNUM but there is no section header 0", 0x28)
             sh = SHDR[endian].unpack(blob.pread(shoff, SHDR_SIZE))
-            phnum = sh[6]
+            phnum = sh[7]  # sh_info
         if phnum == 0:
             raise self._err("no program headers", 0x38)
         if phentsize != PHDR_SIZE:
@@ -622,7 +622,7 @@ class ElfDump(Dump):
             self.header["osrelease"] = fields["OSRELEASE"]
         self.header["nr_cpus"] = len(self.cpus)
         # Reads resolve through a map without overlaps (kexec adds a kernel-text PT_LOAD
-        # that repeats part of a RAM PT_LOAD): the first program header wins.
+        # that repeats part of a RAM PT_LOAD).
         self._map = _build_map(self.segments, self.kind is DumpKind.PROCESS)
         self._starts = [r.start for r in self._map]
 
@@ -776,11 +776,13 @@ class ElfDump(Dump):
 
 
 def _build_map(segments: list[DumpSegment], virtual: bool) -> list[_Range]:
-    """Address ranges without overlaps, sorted; where program headers overlap the earlier one
-    wins, and the later one is split around it."""
+    """Address ranges without overlaps, sorted. Where program headers overlap, the larger one
+    wins and the smaller is cut around it: kexec's kernel-text PT_LOAD repeats part of a RAM
+    PT_LOAD (kexec/crashdump-elf.c), and keeping the RAM one keeps file order = address order,
+    which a stream needs."""
     placed: list[_Range] = []
     starts: list[int] = []
-    for seg in segments:
+    for seg in sorted(segments, key=lambda s: -s.mem_size):
         if seg.mem_size == 0:
             continue
         base = (seg.virt_addr or 0) if virtual else seg.phys_addr
@@ -840,6 +842,7 @@ class KdumpDump(Dump):
         self.format = "kdump-flat" if flat else "kdump"
         self._blob: _Blob = _FlatBlob(fd, path, self.warnings) if flat else _FileBlob(fd, path)
         self._desc_cache: tuple[int, bytes] | None = None
+        self._truncation_noted = False
         self._parse()
         self._codec = _Decompressor(self.page_size)
 
@@ -1094,9 +1097,16 @@ class KdumpDump(Dump):
         if size == 0 or size > self.page_size:
             raise self._err(f"page {pfn:#x}: stored size {size} is not 1..{self.page_size}",
                             where)
-        if offset < 0 or offset + size > self._blob.size:
-            raise self._err(f"page {pfn:#x}: data at {offset:#x}+{size} lies outside the file",
-                            where)
+        if offset < 0:
+            raise self._err(f"page {pfn:#x}: negative data offset {offset}", where)
+        if offset + size > self._blob.size:
+            # A dump cut short (ENOSPC, a killed producer): the page was never written.
+            if not self._truncation_noted:
+                self._truncation_noted = True
+                self.warnings.append("page data runs past the end of the file: the file is "
+                                     "truncated (incomplete dump)")
+                self.header["incomplete"] = True
+            return False
         return True
 
     def _pages(self, pfn: int, count: int, index: int, *, missing_ok: bool
@@ -1316,7 +1326,7 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
 def _check_flat_header(head: bytes, name: str) -> None:
     if len(head) < FLAT_HEADER.size:
         raise FormatError("flattened header truncated", 0, name)
-    _, ftype, version = FLAT_HEADER.unpack(head)
+    _, ftype, version = FLAT_HEADER.unpack_from(head)
     if ftype != 1:
         raise FormatError(f"flattened header type {ftype}, expected 1", 16, name)
     if version != 1:
@@ -1480,7 +1490,7 @@ class ElfStreamReader:
             if shoff == 0:
                 raise FormatError("PN_XNUM without a section header", 0x28, self.name)
             self._need(shoff + SHDR_SIZE, max_header, "section header")
-            phnum = SHDR[endian].unpack_from(self._head, shoff)[6]
+            phnum = SHDR[endian].unpack_from(self._head, shoff)[7]  # sh_info
         self._need(phoff + phnum * PHDR_SIZE, max_header, "program headers")
         loads: list[DumpSegment] = []
         note_ranges: list[tuple[int, int]] = []
