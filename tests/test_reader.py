@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from kdumpling import write_dump
 from kdumpling.errors import FormatError, SourceReadError, UsageError
 from kdumpling.image import DumpKind
@@ -31,6 +30,7 @@ from kdumpling.reader import (
     read_elf_stream,
     reassemble_flattened,
 )
+
 from tests import testdumps as td
 from tests.readers import crash_osrelease, drgn_program, kdumpfile_module, lkf_open
 
@@ -120,7 +120,7 @@ def compare_with_oracles(path: Path, dump: Dump, pfns: list[int]) -> int:
         for name, read in oracles.items():
             try:
                 theirs[name] = read(pfn)
-            except Exception:  # noqa: BLE001 - FaultError / NoDataException: no data
+            except Exception:  # FaultError / NoDataException: no data
                 theirs[name] = None
         if ours is not None:
             for name, data in theirs.items():
