@@ -106,11 +106,11 @@ def _pattern_page(pfn: int, kind: str) -> bytes:
     return (line * (PAGE // len(line) + 1))[:PAGE]
 
 
-def x86_64_machine(*, big_zero_run: bool = True) -> Machine:
-    """The synthetic x86_64 kernel (about 600 pages in three RAM ranges)."""
+def x86_64_machine(*, small: bool = False) -> Machine:
+    """The synthetic x86_64 kernel: about 600 pages in three RAM ranges, or 60 when small."""
     arch = get_arch("x86_64")
     # Range 1: like the real first RAM range, its end is not page-aligned.
-    r1_start, r1_end = 0x1000, 0x9FC00
+    r1_start, r1_end = 0x1000, 0x9C00 if small else 0x9FC00
     r1 = bytearray()
     for pfn in range(r1_start // PAGE, (r1_end + PAGE - 1) // PAGE):
         kind = ("zero", "text", "random", "text")[pfn % 4]
@@ -118,7 +118,7 @@ def x86_64_machine(*, big_zero_run: bool = True) -> Machine:
     r1 = r1[: r1_end - r1_start]
     # Range 2: the kernel image area with page tables, utsname and mem_map.
     r2 = bytearray()
-    for i in range(128):
+    for i in range(40 if small else 128):
         pfn = KERNEL_BASE // PAGE + i
         kind = "zero" if i in (7, 8, 9, 40, 99) else "random" if i % 5 == 0 else "text"
         r2 += _pattern_page(pfn, kind)
@@ -142,9 +142,9 @@ def x86_64_machine(*, big_zero_run: bool = True) -> Machine:
     # runs of >= 256 excluded pages).
     r3_start = 0x400000
     r3 = bytearray()
-    for i in range(300):
+    for i in range(8 if small else 300):
         pfn = r3_start // PAGE + i
-        kind = "zero" if (20 <= i < 280 and big_zero_run) else "text" if i % 2 else "random"
+        kind = "zero" if 20 <= i < 280 else "text" if i % 2 else "random"
         r3 += _pattern_page(pfn, kind)
     sym = lambda phys: f"{START_KERNEL_MAP + phys:x}"  # noqa: E731
     vmcoreinfo = "\n".join([

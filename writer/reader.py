@@ -232,25 +232,20 @@ class _FlatBlob(_Blob):
             self._ends = array("q", (ends[i] for i in order))
             self._srcs = array("q", (srcs[i] for i in order))
             return
-        # Rare (makedumpfile rewrites its sub-header when it adds ERASEINFO): paint the records
-        # in order onto a list of disjoint pieces, later ones cutting earlier ones.
-        pieces: list[tuple[int, int, int]] = []  # (start, end, src), sorted and disjoint
-        for i in range(len(starts)):
-            a, b, src = starts[i], ends[i], srcs[i]
-            keep: list[tuple[int, int, int]] = []
-            lo = bisect.bisect_left(pieces, (a, -1, -1))
-            if lo > 0 and pieces[lo - 1][1] > a:
-                lo -= 1
-            hi = lo
-            while hi < len(pieces) and pieces[hi][0] < b:
-                s, e, ps = pieces[hi]
-                if s < a:
-                    keep.append((s, a, ps))
-                if e > b:
-                    keep.append((b, e, ps + (b - s)))
-                hi += 1
-            new = sorted([*keep, (a, b, src)])
-            pieces[lo:hi] = new
+        # Rare (makedumpfile rewrites its sub-header when it adds ERASEINFO): within each
+        # cluster of overlapping records, paint them in stream order, later ones cutting
+        # earlier ones. Clusters keep the work local to the records that overlap.
+        pieces: list[tuple[int, int, int]] = []
+        k = 0
+        while k < len(order):
+            cluster = [order[k]]
+            reach = ends[order[k]]
+            k += 1
+            while k < len(order) and starts[order[k]] < reach:
+                cluster.append(order[k])
+                reach = max(reach, ends[order[k]])
+                k += 1
+            pieces += _paint(sorted(cluster), starts, ends, srcs)
         self._starts = array("q", (p[0] for p in pieces))
         self._ends = array("q", (p[1] for p in pieces))
         self._srcs = array("q", (p[2] for p in pieces))
@@ -280,6 +275,28 @@ class _FlatBlob(_Blob):
             if idx + 1 < len(self._starts) and pos >= self._starts[idx + 1]:
                 idx += 1
         return out
+
+
+def _paint(records: list[int], starts: array[int], ends: array[int], srcs: array[int]
+           ) -> list[tuple[int, int, int]]:
+    """Disjoint (start, end, src) pieces of overlapping records applied in the given order."""
+    pieces: list[tuple[int, int, int]] = []
+    for i in records:
+        a, b, src = starts[i], ends[i], srcs[i]
+        keep: list[tuple[int, int, int]] = []
+        lo = bisect.bisect_left(pieces, (a, -1, -1))
+        if lo > 0 and pieces[lo - 1][1] > a:
+            lo -= 1
+        hi = lo
+        while hi < len(pieces) and pieces[hi][0] < b:
+            s, e, ps = pieces[hi]
+            if s < a:
+                keep.append((s, a, ps))
+            if e > b:
+                keep.append((b, e, ps + (b - s)))
+            hi += 1
+        pieces[lo:hi] = sorted([*keep, (a, b, src)])
+    return pieces
 
 
 # --- codecs ------------------------------------------------------------------------------------
@@ -779,41 +796,41 @@ def _build_map(segments: list[DumpSegment], virtual: bool) -> list[_Range]:
     """Address ranges without overlaps, sorted. Where program headers overlap, the larger one
     wins and the smaller is cut around it: kexec's kernel-text PT_LOAD repeats part of a RAM
     PT_LOAD (kexec/crashdump-elf.c), and keeping the RAM one keeps file order = address order,
-    which a stream needs."""
+    which a stream needs. A list of merged covered intervals finds the gaps, so hostile
+    overlapping headers cost O(n log n), not O(n^2)."""
     placed: list[_Range] = []
-    starts: list[int] = []
+    cov_starts: list[int] = []  # merged coverage, sorted and disjoint
+    cov_ends: list[int] = []
     for seg in sorted(segments, key=lambda s: -s.mem_size):
         if seg.mem_size == 0:
             continue
         base = (seg.virt_addr or 0) if virtual else seg.phys_addr
-        pieces = [(base, base + seg.mem_size)]
-        # Subtract every range already placed that overlaps.
-        idx = max(0, bisect.bisect_right(starts, base) - 1)
-        while idx < len(placed) and placed[idx].start < base + seg.mem_size:
-            other = placed[idx]
-            nxt: list[tuple[int, int]] = []
-            for a, b in pieces:
-                if other.end <= a or other.start >= b:
-                    nxt.append((a, b))
-                    continue
-                if a < other.start:
-                    nxt.append((a, other.start))
-                if other.end < b:
-                    nxt.append((other.end, b))
-            pieces = nxt
-            idx += 1
+        lo, hi = base, base + seg.mem_size
+        first = bisect.bisect_left(cov_ends, lo)  # first interval ending at/after lo
+        last = first
+        pieces: list[tuple[int, int]] = []
+        pos = lo
+        while last < len(cov_starts) and cov_starts[last] <= hi:
+            if cov_starts[last] > pos:
+                pieces.append((pos, min(hi, cov_starts[last])))
+            pos = max(pos, cov_ends[last])
+            last += 1
+        if pos < hi:
+            pieces.append((pos, hi))
+        new_lo = min(lo, cov_starts[first]) if first < last else lo
+        new_hi = max(hi, cov_ends[last - 1]) if first < last else hi
+        cov_starts[first:last] = [new_lo]
+        cov_ends[first:last] = [new_hi]
         for a, b in pieces:
             delta = a - base
-            rng = _Range(
+            placed.append(_Range(
                 start=a, end=b,
                 data_end=max(a, min(b, base + seg.file_size)),
                 file_offset=(seg.file_offset or 0) + delta,
                 virt_addr=None if seg.virt_addr is None else seg.virt_addr + delta,
                 phys_addr=seg.phys_addr + delta, flags=seg.flags,
-            )
-            pos = bisect.bisect_left(starts, a)
-            placed.insert(pos, rng)
-            starts.insert(pos, a)
+            ))
+    placed.sort(key=lambda r: r.start)
     return placed
 
 
@@ -1011,6 +1028,11 @@ class KdumpDump(Dump):
         self._start_pfn = start_pfn
         self._end_pfn = min(end_pfn, max_mapnr) if end_pfn else max_mapnr
         self._desc_off = bm_off + bm_len
+        # Every set bit of bitmap 2 in this file's PFN range needs a 24-byte descriptor: bound
+        # them by the file before building anything per page (split parts share the bitmaps).
+        in_range = self._bitmap2[self._start_pfn // 8 : (self._end_pfn + 7) // 8]
+        if (int.from_bytes(in_range, "little").bit_count() - 16) * 24 > blob.stored:
+            raise self._err("bitmap 2 marks more pages than the file could describe", bm_off)
         # Dumped pages: runs of set bits of bitmap 2 inside [start_pfn, end_pfn).
         self._runs = _bit_runs(self._bitmap2, self._start_pfn, self._end_pfn)
         self._run_starts = [r[0] for r in self._runs]
