@@ -315,11 +315,14 @@ def mark_stacks(plans: Sequence[MappingPlan], sps: Iterator[int] | Sequence[int]
 
 def apply_size_cap(plans: Sequence[MappingPlan], cap: int, page: int) -> int:
     """Trim the dumped bytes to at most ``cap``: thread stacks from their SP upwards first, then
-    what gdb needs to find symbols (ELF headers, written file mappings, vdso), then the rest in
-    address order. Returns the number of bytes left out (0: nothing was cut)."""
+    what gdb needs to find symbols (ELF headers, written file mappings, vdso), then the rest,
+    smallest first. Returns the number of bytes left out (0: nothing was cut)."""
     budget = cap
     omitted = 0
-    order = sorted(range(len(plans)), key=lambda i: (plans[i].priority, plans[i].entry.start))
+    # Within a class, small mappings first: the big ones are the bulk data (heaps, caches),
+    # the small ones the metadata a debugger walks (library .bss, ld.so's lists, TLS).
+    order = sorted(range(len(plans)),
+                   key=lambda i: (plans[i].priority, plans[i].dump, plans[i].entry.start))
     for i in order:
         plan = plans[i]
         if plan.dump == 0:
