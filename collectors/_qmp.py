@@ -68,7 +68,14 @@ class QmpClient:
             self._sock.close()
             raise TargetGoneError(f"cannot connect to {path}: {err.strerror}") from err
         try:
-            greeting = self._read_message()
+            try:
+                greeting = self._read_message()
+            except TargetGoneError as err:
+                if isinstance(err.__cause__, TimeoutError):
+                    raise TargetGoneError(
+                        f"no QMP greeting on {path} within {timeout:.0f} s: QEMU serves one "
+                        "client per QMP socket, is another one connected?") from err
+                raise
             if "QMP" not in greeting:
                 raise QmpError("greeting", "Protocol", f"unexpected greeting {greeting!r}")
             self.version = greeting["QMP"].get("version", {}).get("qemu", {})

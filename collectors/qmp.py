@@ -141,6 +141,9 @@ class QmpCollector:
             self._stream.close()
             self._finish_dump()
             pause = self._pause()
+            # A QMP socket serves one client at a time: give the monitor back now.
+            client.close()
+            self._client = None
             image, warnings, self._spool_dump = image_from_spool(self._spool_fd, target)
             snap = Snapshot(image, target, pause_seconds=pause, meta=meta, warnings=warnings)
         else:
