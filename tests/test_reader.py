@@ -569,3 +569,77 @@ def test_bad_files(tmp_path: Path, built: Built) -> None:
     with pytest.raises(FormatError, match="program headers") as err:
         open_dump(tmp_path / "phnum")
     assert err.value.offset == 0x20
+
+
+# --- process cores -----------------------------------------------------------------------------
+
+GDB_REGS = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15", "rip", "eflags", "cs", "ss"]
+
+
+def _gdb_core(core: Path, *commands: str) -> str:
+    from tests.readers import tool
+
+    args = [tool("gdb"), "-nx", "-batch", "-c", str(core)]
+    for cmd in commands:
+        args += ["-ex", cmd]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120).stdout
+
+
+def _gdb_registers(core: Path) -> dict[str, int]:
+    out = _gdb_core(core, "info registers " + " ".join(GDB_REGS))
+    regs = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in GDB_REGS:
+            regs[parts[0]] = int(parts[1], 16)
+    assert len(regs) == len(GDB_REGS), out
+    return regs
+
+
+@pytest.mark.ptrace
+@pytest.mark.readers
+def test_gcore_process_core(tmp_path: Path) -> None:
+    """A core gdb's gcore wrote of a live process: memory, threads and registers read like gdb
+    reads them, and the converted core (to_image -> ELF writer) reads the same in gdb."""
+    import sys
+
+    from elftools.elf.elffile import ELFFile
+
+    from tests.readers import tool
+
+    marker = b"KDUMPLING-PROC-MARKER-" * 200
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, threading, time\n"
+        f"buf = ctypes.create_string_buffer({marker!r})\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "print(ctypes.addressof(buf), flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        addr = int(child.stdout.readline())
+        subprocess.run([tool("gcore"), "-o", str(tmp_path / "core"), str(child.pid)],
+                       capture_output=True, check=True, timeout=120)
+    finally:
+        child.kill()
+        child.wait()
+    core = tmp_path / f"core.{child.pid}"
+    converted = tmp_path / "converted.core"
+    with open_dump(core) as dump, open(core, "rb") as f:
+        assert (dump.format, dump.kind, dump.page_size) == ("elf", DumpKind.PROCESS, 4096)
+        assert dump.read_virt(addr, len(marker)) == marker
+        with pytest.raises(UsageError):
+            dump.read_phys(0, 8)
+        assert len(dump.cpus) == 2  # two threads
+        regs = _gdb_registers(core)
+        ours = dump.cpus[0][1]
+        for name in GDB_REGS:
+            assert ours[name.upper()] == regs[name], name
+        # every PT_LOAD's bytes, as pyelftools reads them
+        for seg in ELFFile(f).iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]:
+                assert dump.read_virt(seg["p_vaddr"], seg["p_filesz"]) == seg.data()
+        write_dump(dump.to_image(), converted, format="elf")
+    assert _gdb_registers(converted) == regs
+    out = _gdb_core(converted, f"x/s {addr}")
+    assert "KDUMPLING-PROC-MARKER-KDUMPLING" in out

@@ -659,8 +659,10 @@ class ElfDump(Dump):
             return self._parse_vmcoreinfo_page_size() or self.arch.default_page_size
         for note in self.notes:
             if note.type == NT_FILE and note.name == CORE_NOTE_NAME and len(note.desc) >= 16:
+                # The kernel stores PAGE_SIZE here (fs/binfmt_elf.c fill_files_note); gdb's
+                # gcore stores 1 (offsets in bytes), which says nothing about the page size.
                 size = struct.unpack_from(self.endian + "Q", note.desc, 8)[0]
-                if 0 < size <= MAX_BLOCK_SIZE and size & (size - 1) == 0:
+                if MIN_BLOCK_SIZE <= size <= MAX_BLOCK_SIZE and size & (size - 1) == 0:
                     return int(size)
         return self.arch.default_page_size
 
