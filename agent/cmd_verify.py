@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from typing import Any
 
@@ -19,6 +20,11 @@ from .cmd_info import locate
 from .common import Context, add_common, add_directory
 from .targets import FeatureUnavailableError
 from .units import format_size
+
+
+# Reader warnings that mean data is missing (the rest, e.g. a guessed arch, are informational).
+_INCOMPLETE = re.compile(r"truncated|incomplete|cut short|past (?:the|its) end|no end marker",
+                         re.IGNORECASE)
 
 
 class VerifyFailed(FormatError):
@@ -71,6 +77,11 @@ def run(ctx: Context) -> int:
             out["checks"]["pages"] = "failed"
             problems.append(str(err))
         rec = loc.record
+        capped = bool(rec is not None and rec.data.get("truncated"))
+        missing = [w for w in out.get("reader_warnings", []) if _INCOMPLETE.search(w)]
+        if missing and not capped:  # a size-capped snapshot is incomplete by design
+            out["checks"]["pages"] = "failed"
+            problems.extend(missing)
         if rec is not None and loc.store is not None:
             out["id"] = rec.id
             want = rec.data.get("sha256")
