@@ -21,7 +21,6 @@ from .common import Context, add_common, add_directory
 from .targets import FeatureUnavailableError
 from .units import format_size
 
-
 # Reader warnings that mean data is missing (the rest, e.g. a guessed arch, are informational).
 _INCOMPLETE = re.compile(r"truncated|incomplete|cut short|past (?:the|its) end|no end marker",
                          re.IGNORECASE)
