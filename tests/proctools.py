@@ -187,10 +187,7 @@ class GdbReport:
 
 def _subsequence(needle: list[str], hay: list[str]) -> bool:
     """``needle`` appears in ``hay`` in order and contiguously."""
-    for i in range(len(hay) - len(needle) + 1):
-        if hay[i : i + len(needle)] == needle:
-            return True
-    return False
+    return any(hay[i:i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))
 
 
 def run_gdb(exe: Path | str, core: Path | str, *, attach: bool = False) -> GdbReport:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from kdumpling import write_dump
 from kdumpling.collectors.process import ProcessCollector, capture_process
 from kdumpling.errors import PermissionDeniedError, TargetGoneError, UsageError
@@ -150,7 +149,8 @@ def test_core_structure_and_memory_policy(target: pt.Target, tmp_path: Path,
         types = [n["n_type"] for n in core.notes]
         assert types[:5] == ["NT_PRSTATUS", "NT_PRPSINFO", "NT_SIGINFO", "NT_AUXV", "NT_FILE"]
         pids = core.pr_pids()
-        assert pids[0] == target.pid and sorted(pids) == sorted(tids) and len(set(pids)) == len(pids)
+        assert pids[0] == target.pid and sorted(pids) == sorted(tids)
+        assert len(set(pids)) == len(pids)
         assert len(core.notes_of("NT_FPREGSET")) == len(tids)
         assert len(core.notes_of(0x202)) == len(tids)  # NT_X86_XSTATE
         (aux,) = core.notes_of("NT_AUXV")
@@ -294,7 +294,7 @@ def test_threads_created_during_capture(binaries: dict[str, Path], tmp_path: Pat
     try:
         core_path = tmp_path / "core"
         for _ in range(5):
-            snap, _ = capture_process(t.pid, core_path)
+            _snap, _ = capture_process(t.pid, core_path)
             core = Core(core_path)
             try:
                 pids = core.pr_pids()
@@ -553,10 +553,10 @@ def test_python_target(tmp_path: Path, mode: str) -> None:
         assert set(live.threads) == tids
         for tid, frames in report.threads.items():
             assert any("clock_nanosleep" in f for f in frames[:2]), frames
-            assert "_PyEval_EvalFrameDefault" in frames and "Py_RunMain" in frames[-6:] or \
+            assert ("_PyEval_EvalFrameDefault" in frames and "Py_RunMain" in frames[-6:]) or \
                 tid != proc.pid, frames
             assert frames == live.threads[tid], (tid, frames, live.threads[tid])
-        rc, eu_threads, text = pt.run_eu_stack(python, core_path)
+        _rc, eu_threads, text = pt.run_eu_stack(python, core_path)
         assert set(eu_threads) == tids, text
         assert b"kdumpling-python-marker-40002" in core_path.read_bytes()
         pt.assert_released(proc.pid)
