@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kdumpling import write_dump
 from kdumpling.collectors.qmp import QmpCollector
 from kdumpling.errors import CaptureInterrupted, KdumplingError
@@ -53,7 +52,7 @@ def test_qmp_stream(qemu_guest: rig.QemuGuest, qemu_expect: Expect, out_dir: Pat
     with QmpCollector(qemu_guest.qmp_path, progress=lambda d, t: progress.append((d, t))) as snap:
         result = write_dump(snap.image, out, format=fmt, compression=codec)
     # The pause comes from QEMU's STOP/RESUME events; streaming makes it span the conversion.
-    assert snap.pause_seconds is not None and 0 < snap.pause_seconds
+    assert snap.pause_seconds is not None and snap.pause_seconds > 0
     assert snap.meta["mode"] == "stream"
     assert progress and all(0 <= d <= t for d, t in progress)
     assert result.bytes_out == out.stat().st_size
