@@ -861,6 +861,7 @@ class KdumpDump(Dump):
         self.format = "kdump-flat" if flat else "kdump"
         self._blob: _Blob = _FlatBlob(fd, path, self.warnings) if flat else _FileBlob(fd, path)
         self._desc_cache: tuple[int, bytes] | None = None
+        self._shared: dict[tuple[int, int, int], bytes] = {}
         self._truncation_noted = False
         self._parse()
         self._codec = _Decompressor(self.page_size)
@@ -1137,10 +1138,22 @@ class KdumpDump(Dump):
                ) -> list[bytes | None]:
         """Pages pfn..pfn+count-1 whose descriptors are index..index+count-1."""
         descs = self._descs(index, count)
+        # Descriptors that share their data (makedumpfile's and QEMU's single zero page) are
+        # decoded once and remembered.
+        seen: dict[int, int] = {}
+        for d in descs:
+            seen[d[0]] = seen.get(d[0], 0) + 1
+        shared = self._shared
         out: list[bytes | None] = []
         i = 0
         while i < count:
-            if not self._check_desc(pfn + i, index + i, descs[i]):
+            desc = descs[i]
+            hit = shared.get(desc[:3])
+            if hit is not None:
+                out.append(hit)
+                i += 1
+                continue
+            if not self._check_desc(pfn + i, index + i, desc):
                 if not missing_ok:
                     raise PageNotDumpedError("page was never written (incomplete dump)",
                                              (pfn + i) * self.page_size, "incomplete")
@@ -1149,18 +1162,23 @@ class KdumpDump(Dump):
                 continue
             # Coalesce the reads of pages stored back to back.
             j = i + 1
-            end = descs[i][0] + descs[i][1]
+            end = desc[0] + desc[1]
             while j < count and j - i < 256 and descs[j][0] == end and \
                     self._check_desc(pfn + j, index + j, descs[j]):
                 end += descs[j][1]
                 j += 1
-            data = self._blob.pread(descs[i][0], end - descs[i][0])
-            if len(data) != end - descs[i][0]:
-                raise SourceReadError(f"{self.path} shrank while reading", descs[i][0])
+            data = self._blob.pread(desc[0], end - desc[0])
+            if len(data) != end - desc[0]:
+                raise SourceReadError(f"{self.path} shrank while reading", desc[0])
             cur = 0
             for k in range(i, j):
                 size = descs[k][1]
-                out.append(self._decode(pfn + k, index + k, descs[k], data[cur : cur + size]))
+                page = self._decode(pfn + k, index + k, descs[k], data[cur : cur + size])
+                if seen[descs[k][0]] > 1:
+                    if len(shared) >= 64:
+                        shared.clear()
+                    shared[descs[k][:3]] = page
+                out.append(page)
                 cur += size
             i = j
         return out
