@@ -118,15 +118,16 @@ class CalendarSpec:
 def parse_calendar(text: str) -> CalendarSpec:
     """Parse a calendar expression; ValueError with the reason when unsupported or invalid."""
     original = text
-    s = " ".join(text.split())
-    s = SHORTHANDS.get(s.lower(), s)
-    if "~" in s:
-        raise ValueError("the '~' (days from the end of the month) syntax is not supported")
-    parts = s.split(" ")
+    parts = text.split()
     utc = False
     if parts and parts[-1].upper() == "UTC":
         utc = True
         parts.pop()
+    s = " ".join(parts)
+    s = SHORTHANDS.get(s.lower(), s)
+    if "~" in s:
+        raise ValueError("the '~' (days from the end of the month) syntax is not supported")
+    parts = s.split(" ") if s else []
     weekdays = frozenset(range(7))
     if parts and re.match(r"^[A-Za-z]", parts[0]):
         weekdays = _weekdays(parts.pop(0))

@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         raise interrupted(signum)
 
     if not getattr(args, "own_signals", False):
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a hangup must clean up too
+            signal.signal(sig, on_signal)
     try:
         code: int = args.func(ctx)
         sys.stdout.flush()

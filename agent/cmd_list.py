@@ -29,6 +29,7 @@ def listing(store: Store, rec: Record) -> dict[str, Any]:
     out = dict(rec.data)
     out.pop("dev", None)
     out.pop("inode", None)
+    out.pop("mtime_ns", None)
     out["status"] = store.status(rec)
     out["path"] = store.path_of(rec.file)
     return out

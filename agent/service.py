@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from kdumpling.errors import ConfigError, KdumplingError
+from kdumpling.errors import CaptureInterrupted, ConfigError, KdumplingError
 
 from .capture import Cancel, CaptureSettings, Destination, WriteOptions, capture
 from .config import AgentConfig, TargetConfig, load_config
@@ -266,6 +266,10 @@ class Service:
                 store.close()
         except KdumplingError as err:
             code = err.exit_code
+            if isinstance(err, CaptureInterrupted) and not self.stop_signal:
+                # A collector with its own SIGINT/SIGTERM handler (the process collector) saw
+                # the signal instead of us: it is still a request to stop.
+                self.stop_signal = code - 128 if code > 128 else signal.SIGTERM
             interrupted = self.stop_signal != 0
             slot.last_result = "abandoned" if interrupted else f"failed ({code})"
             log = self.log.warning if interrupted else self.log.error

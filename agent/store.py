@@ -8,8 +8,9 @@ Layout (flat, like /var/lib/systemd/coredump)::
       .locks/web.lock              flock: one capture of a target at a time, across processes
 
 Ownership rule: the store only ever deletes a dump that a sidecar of ours describes *and* whose
-lstat() still matches the device, inode and size recorded when it was written; anything else in the
-directory (a file someone copied in, a dump replaced behind our back, a symlink) is left alone.
+lstat() still matches the device, inode, size and mtime recorded when it was written; anything
+else in the directory (a file someone copied in, a dump replaced or edited behind our back, a
+symlink) is left alone.
 A capture first writes its sidecar with ``state = "capturing"`` (O_EXCL: that reserves the name),
 then the dump, then rewrites the sidecar as ``complete``; a sidecar left ``capturing`` by a process
 that no longer exists marks an abandoned capture, whose reserved names ``prune`` may clean up.
@@ -224,7 +225,7 @@ class Store:
         """Record the finished dump: its identity (dev, inode, size) makes it ours to delete."""
         st = os.lstat(res.file, dir_fd=self._fd)
         record = {**res.data, **data, "state": "complete", "dev": st.st_dev, "inode": st.st_ino,
-                  "size": st.st_size}
+                  "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         record.pop("agent_pid", None)
         self._write_json(res.sidecar, record, exclusive=False)
         return record
@@ -326,8 +327,10 @@ class Store:
     @staticmethod
     def _owned(rec: Record, st: os.stat_result) -> bool:
         d = rec.data
+        # Inode numbers are reused at once after an unlink; the mtime tells a new file apart.
         return (stat.S_ISREG(st.st_mode) and st.st_ino == d.get("inode")
-                and st.st_dev == d.get("dev") and st.st_size == d.get("size"))
+                and st.st_dev == d.get("dev") and st.st_size == d.get("size")
+                and st.st_mtime_ns == d.get("mtime_ns"))
 
     # -- deleting ------------------------------------------------------------------------------
 
