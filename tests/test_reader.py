@@ -643,3 +643,99 @@ def test_gcore_process_core(tmp_path: Path) -> None:
     assert _gdb_registers(converted) == regs
     out = _gdb_core(converted, f"x/s {addr}")
     assert "KDUMPLING-PROC-MARKER-KDUMPLING" in out
+
+
+# --- header versions, annotations, virtual reads ---------------------------------------------
+
+
+@pytest.mark.readers
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+def test_older_header_versions(mdf: Built, tmp_path: Path, version: int) -> None:
+    """makedumpfile's file relabelled as an older header_version: what each version adds to
+    the sub-header (diskdump_mod.h) is used or ignored accordingly, as libkdumpfile does."""
+    data = bytearray(mdf.files["zlib.kdump"].read_bytes())
+    struct.pack_into("<i", data, 8, version)
+    path = tmp_path / f"v{version}.kdump"
+    path.write_bytes(bytes(data))
+    with open_dump(mdf.files["zlib.kdump"]) as v6:
+        ref = dict(v6.iter_pages())
+    kd = kdumpfile_module()
+    ctx = lkf_open(str(path))
+    with open_dump(path) as dump:
+        assert dump.header["header_version"] == version
+        got = dict(dump.iter_pages())
+        assert got == ref
+        for pfn in list(got)[::25]:
+            assert got[pfn] == bytes(ctx.read(kd.KDUMP_MACHPHYSADDR, pfn * PAGE, PAGE))
+        assert bool(dump.vmcoreinfo) == (version >= 3)
+        assert len(dump.cpus) == (2 if version >= 4 else 0)
+        if version >= 3:
+            assert dump.vmcoreinfo == bytes(ctx.attr["linux"]["vmcoreinfo"]["raw"])
+        else:
+            assert "vmcoreinfo" not in ctx.attr["linux"]
+
+
+@pytest.mark.readers
+def test_annotations_round_trip(built: Built, tmp_path: Path) -> None:
+    """KDUMPLING annotation notes survive conversion, and readelf sees them as notes."""
+    from kdumpling.notes import CustomNoteType, Note, annotations_text
+
+    from tests.readers import readelf
+
+    ann = {"host": "test-host", "reason": "unit test", "ticket": "KDL-4"}
+    with open_dump(built.files["kexec.elf"]) as dump:
+        image = dump.to_image()
+    image.notes = [*image.notes, Note(b"KDUMPLING", CustomNoteType.ANNOTATIONS,
+                                      annotations_text(ann))]
+    for fmt in ("elf", "kdump"):
+        out = tmp_path / f"ann.{fmt}"
+        with open_dump(built.files["kexec.elf"]) as dump:
+            image.segments = dump.to_image().segments
+            write_dump(image, out, format=fmt, compression="zlib")
+        with open_dump(out) as back:
+            assert back.annotations == ann
+            assert len(back.cpus) == 2
+    notes = readelf("-n", str(tmp_path / "ann.elf"))
+    assert "KDUMPLING" in notes and "0x4b444c02" in notes.lower()
+
+
+@pytest.mark.readers
+def test_virtual_reads(built: Built, tmp_path: Path) -> None:
+    """read_virt follows p_vaddr: the kexec kernel-text PT_LOAD reads like drgn's page-table
+    walk of the same address, and a p_paddr -1 PT_LOAD is readable only virtually."""
+    with open_dump(built.files["textdup.elf"]) as dump:
+        uts = td.START_KERNEL_MAP + td.UTS_NS + td.UTS_NAME_OFFSET
+        ours = dump.read_virt(uts, 6 * 65)
+        assert ours[:5] == b"Linux" and td.OSRELEASE.encode() in ours
+        assert ours == drgn_program(str(built.files["textdup.elf"])).read(uts, 6 * 65)
+        assert dump.read_virt(td.PAGE_OFFSET + 0x100000, 3 * PAGE) == \
+            dump.read_phys(0x100000, 3 * PAGE)
+        with pytest.raises(PageNotDumpedError):
+            dump.read_virt(0xFFFFFFFFC0000000, 8)
+    blob = bytes(range(256)) * 64
+    path = tmp_path / "nopaddr.elf"
+    td.pack_elf_vmcore(path, built.machine, no_paddr_data=blob)
+    with open_dump(path) as dump:
+        assert any("no physical address" in w for w in dump.warnings)
+        assert dump.read_virt(td.VMALLOC_NO_PADDR, len(blob)) == blob
+        pages = dict(dump.iter_pages())
+        assert pages.keys() == dict(open_dump(built.files["kexec.elf"]).iter_pages()).keys()
+        compare_with_oracles(path, dump, all_pfns(built.machine)[::5])
+
+
+@pytest.mark.readers
+@pytest.mark.slow
+def test_pn_xnum_stream(tmp_path: Path) -> None:
+    m = td.generic_machine("x86_64", 12)
+    path = tmp_path / "xnum.elf"
+    td.pack_elf_vmcore(path, m, extra_loads=0xFFFF)
+    proc, pipe = _pipe_from(path)
+    out = tmp_path / "xnum.kdump"
+    try:
+        write_dump(read_elf_stream(pipe), out, format="kdump", compression="lzo")
+    finally:
+        pipe.close()
+        proc.wait()
+    with open_dump(path) as src, open_dump(out) as conv:
+        assert dict(conv.iter_pages()) == dict(src.iter_pages())
+        compare_with_oracles(out, conv, [p for p, _ in src.iter_pages()])

@@ -28,6 +28,7 @@ from tests import readers
 PAGE = 4096
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 PAGE_OFFSET = 0xFFFF888000000000
+VMALLOC_NO_PADDR = 0xFFFFC90000000000
 OSRELEASE = "6.1.0-kdumpling-test"
 CRASHTIME = 1700000000
 
@@ -193,7 +194,9 @@ def generic_machine(arch_name: str, pages: int = 24) -> Machine:
         regions.append(Region(base, data))
     vmci = (f"OSRELEASE={OSRELEASE}\nPAGESIZE={page}\nSYMBOL(swapper_pg_dir)=1000000\n"
             + ("NUMBER(VA_BITS)=48\nNUMBER(kimage_voffset)=0\nNUMBER(PHYS_OFFSET)=0\n"
-               if arch_name == "aarch64" else "")).encode()
+               if arch_name == "aarch64" else "")
+            # drgn reads kdump files through libkdumpfile, which must know x86_64's paging mode
+            + ("NUMBER(pgtable_l5_enabled)=0\n" if arch_name == "x86_64" else "")).encode()
     regs = {arch.regs(0).name: 0x1234, arch.regs(1).name: 0x5678}
     cpus = [CpuContext(cpu_id=0, pr_pid=1, registers=regs)]
     return Machine(arch, regions, vmci, cpus)
@@ -205,7 +208,7 @@ def generic_machine(arch_name: str, pages: int = 24) -> Machine:
 def pack_elf_vmcore(
     path: str | os.PathLike[str], m: Machine, *, layout: str = "kexec",
     extra_loads: int = 0, text_duplicate: bool = False, notes: list[Note] | None = None,
-    e_flags: int = 0,
+    e_flags: int = 0, no_paddr_data: bytes | None = None,
 ) -> None:
     """Write ``m`` as an ELF64 vmcore.
 
@@ -215,7 +218,8 @@ def pack_elf_vmcore(
     table at 64 (two entries), phdrs at 192, e_ehsize 8 (as QEMU 7.2 wrote it), notes right
     after the phdrs, data packed. ``extra_loads`` adds empty-data PT_LOADs (p_filesz 0) far up,
     to push the count past PN_XNUM; ``text_duplicate`` adds kexec's kernel-text PT_LOAD that
-    repeats part of range 2 with a __START_KERNEL_map virtual address.
+    repeats part of range 2 with a __START_KERNEL_map virtual address; ``no_paddr_data`` adds a
+    PT_LOAD with p_paddr -1 (kexec-tools' "no physical address") at VMALLOC_START_NO_PADDR.
     """
     e = m.arch.endian
     page = max(PAGE, m.arch.default_page_size)
@@ -226,6 +230,8 @@ def pack_elf_vmcore(
         loads.append((r.phys, START_KERNEL_MAP + r.phys, 64 * PAGE, r.data[: 64 * PAGE]))
     for r in m.regions:
         loads.append((r.phys, PAGE_OFFSET + r.phys, len(r.data), r.data))
+    if no_paddr_data is not None:
+        loads.append(((1 << 64) - 1, VMALLOC_NO_PADDR, len(no_paddr_data), no_paddr_data))
     for i in range(extra_loads):
         base = (1 << 40) + i * 2 * PAGE
         loads.append((base, PAGE_OFFSET + base, PAGE, b""))

@@ -96,6 +96,7 @@ __all__ = [
 
 DISKDUMP_SIGNATURE = b"DISKDUMP"  # the pre-kdump diskdump format (different sub-header)
 QEMU_NOTE_NAME = b"QEMU"
+NO_PADDR = (1 << 64) - 1  # p_paddr of a PT_LOAD without a physical address
 ERASEINFO_NOTE_NAME = b"ERASEINFO"
 DISK_DUMP_HEADER_SIZE = 464  # sizeof(struct disk_dump_header) on 64-bit targets
 SUB_HEADER_SIZE = 104  # sizeof(struct kdump_sub_header), header_version 6
@@ -530,6 +531,24 @@ class Dump:
             raise self._err("note runs past the end of its segment", err.offset) from None
 
 
+def _vmcoreinfo_facts(fields: dict[str, str]) -> dict[str, object]:
+    """Header facts an ELF vmcore carries only in VMCOREINFO (include/linux/vmcore_info.h;
+    NUMBER() is decimal and may be negative, KERNELOFFSET hex)."""
+    out: dict[str, object] = {}
+    if "OSRELEASE" in fields:
+        out["osrelease"] = fields["OSRELEASE"]
+    for key, name, base in (("NUMBER(phys_base)", "phys_base", 0),
+                            ("NUMBER(PHYS_OFFSET)", "phys_base", 0),
+                            ("KERNELOFFSET", "kernel_offset", 16),
+                            ("CRASHTIME", "crash_time", 10)):
+        if key in fields and name not in out:
+            try:
+                out[name] = int(fields[key], base)
+            except ValueError:
+                continue
+    return out
+
+
 def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
@@ -596,7 +615,7 @@ class ElfDump(Dump):
         phdr = PHDR[endian]
         note_bytes = 0
         loads: list[DumpSegment] = []
-        truncated = 0
+        truncated = no_paddr = 0
         for i in range(phnum):
             off = phoff + i * PHDR_SIZE
             p_type, p_flags, p_offset, vaddr, paddr, filesz, memsz, _ = phdr.unpack_from(
@@ -619,8 +638,14 @@ class ElfDump(Dump):
                     have = max(0, size - p_offset)
                     truncated += filesz - have
                     filesz = have
-                if paddr + memsz > 1 << 64 or vaddr + memsz > 1 << 64:
-                    raise self._err(f"PT_LOAD {i} wraps around the address space", off)
+                if paddr == NO_PADDR:
+                    # kexec-tools writes -1 where it knows no physical address; drgn skips
+                    # those in its physical map too (libdrgn program.c).
+                    no_paddr += 1
+                elif paddr + memsz > 1 << 64:
+                    raise self._err(f"PT_LOAD {i} wraps around the physical address space", off)
+                if vaddr + memsz > 1 << 64:
+                    raise self._err(f"PT_LOAD {i} wraps around the virtual address space", off)
                 loads.append(DumpSegment(paddr, vaddr, p_offset, filesz, memsz, p_flags))
         if truncated:
             self.warnings.append(
@@ -628,20 +653,22 @@ class ElfDump(Dump):
                 "(they read as not dumped)"
             )
             self.header["incomplete"] = True
+        if no_paddr:
+            self.warnings.append(f"{no_paddr} PT_LOADs have no physical address (p_paddr -1)")
         self.segments = loads
         for note in self.notes:
             if note.name == VMCOREINFO_NOTE_NAME and not self.vmcoreinfo:
                 self.vmcoreinfo = note.desc
         self.kind = self._guess_kind()
         self.page_size = self._guess_page_size()
-        fields = self.vmcoreinfo_fields
-        if "OSRELEASE" in fields:
-            self.header["osrelease"] = fields["OSRELEASE"]
+        self.header.update(_vmcoreinfo_facts(self.vmcoreinfo_fields))
         self.header["nr_cpus"] = len(self.cpus)
         # Reads resolve through a map without overlaps (kexec adds a kernel-text PT_LOAD
         # that repeats part of a RAM PT_LOAD).
         self._map = _build_map(self.segments, self.kind is DumpKind.PROCESS)
         self._starts = [r.start for r in self._map]
+        self._vmap: list[_Range] | None = None  # kernel dumps: built on the first read_virt
+        self._vstarts: list[int] = []
 
     def _guess_kind(self) -> DumpKind:
         if self.vmcoreinfo or any(n.name == QEMU_NOTE_NAME for n in self.notes):
@@ -666,17 +693,25 @@ class ElfDump(Dump):
                     return int(size)
         return self.arch.default_page_size
 
-    def _read(self, addr: int, length: int, zero_fill: bool) -> bytes:
+    def _read(self, addr: int, length: int, zero_fill: bool, *, virtual: bool = False
+              ) -> bytes:
         if addr < 0 or length < 0 or addr + length > 1 << 64:
             raise UsageError(f"bad read of {length} bytes at {addr:#x}")
+        if virtual and self.kind is DumpKind.KERNEL:
+            if self._vmap is None:
+                self._vmap = _build_map(self.segments, True)
+                self._vstarts = [r.start for r in self._vmap]
+            ranges, starts = self._vmap, self._vstarts
+        else:
+            ranges, starts = self._map, self._starts
         out = bytearray()
         pos, end = addr, addr + length
-        idx = bisect.bisect_right(self._starts, pos) - 1
-        if idx >= 0 and pos >= self._map[idx].end:
+        idx = bisect.bisect_right(starts, pos) - 1
+        if idx >= 0 and pos >= ranges[idx].end:
             idx += 1
         idx = max(idx, 0)
         while pos < end:
-            rng = self._map[idx] if idx < len(self._map) else None
+            rng = ranges[idx] if idx < len(ranges) else None
             if rng is None or pos < rng.start:  # a gap before the next range
                 stop = min(end, rng.start) if rng is not None else end
                 if not zero_fill:
@@ -709,40 +744,7 @@ class ElfDump(Dump):
         return self._read(addr, length, zero_fill)
 
     def read_virt(self, addr: int, length: int, *, zero_fill: bool = False) -> bytes:
-        if self.kind is DumpKind.PROCESS:
-            return self._read(addr, length, zero_fill)
-        vmap = getattr(self, "_vmap", None)
-        if vmap is None:
-            vmap = self._vmap = ElfDump._VirtView(self)
-        return vmap.read(addr, length, zero_fill)
-
-    class _VirtView:
-        """Virtual reads of a kernel dump through p_vaddr (QEMU with paging, kexec)."""
-
-        def __init__(self, dump: ElfDump) -> None:
-            self.dump = dump
-            self.map = _build_map(dump.segments, True)
-            self.starts = [r.start for r in self.map]
-
-        def read(self, addr: int, length: int, zero_fill: bool) -> bytes:
-            out = bytearray()
-            pos, end = addr, addr + length
-            while pos < end:
-                idx = bisect.bisect_right(self.starts, pos) - 1
-                rng = self.map[idx] if idx >= 0 else None
-                if rng is None or pos >= rng.end:
-                    nxt = self.starts[idx + 1] if idx + 1 < len(self.starts) else end
-                    if not zero_fill:
-                        raise PageNotDumpedError("virtual address not in the dump", pos,
-                                                 "absent")
-                    out += bytes(min(end, nxt) - pos)
-                    pos = min(end, nxt)
-                    continue
-                take = min(end, rng.end) - pos
-                phys = rng.phys_addr + (pos - rng.start)
-                out += self.dump._read(phys, take, zero_fill)
-                pos += take
-            return bytes(out)
+        return self._read(addr, length, zero_fill, virtual=True)
 
     def iter_pages(self) -> Iterator[tuple[int, bytes]]:
         ps = self.page_size
@@ -804,7 +806,7 @@ def _build_map(segments: list[DumpSegment], virtual: bool) -> list[_Range]:
     cov_starts: list[int] = []  # merged coverage, sorted and disjoint
     cov_ends: list[int] = []
     for seg in sorted(segments, key=lambda s: -s.mem_size):
-        if seg.mem_size == 0:
+        if seg.mem_size == 0 or (not virtual and seg.phys_addr == NO_PADDR):
             continue
         base = (seg.virt_addr or 0) if virtual else seg.phys_addr
         lo, hi = base, base + seg.mem_size
@@ -923,8 +925,9 @@ class KdumpDump(Dump):
         self.page_size = ps
         self.kind = DumpKind.KERNEL
         self._load_bitmaps(sub_hdr_size, bitmap_blocks, max_mapnr, start_pfn, end_pfn)
-        if "OSRELEASE" in self.vmcoreinfo_fields:
-            self.header["osrelease"] = self.vmcoreinfo_fields["OSRELEASE"]
+        facts = _vmcoreinfo_facts(self.vmcoreinfo_fields)
+        facts.pop("phys_base", None)  # the sub-header's own value stays (QEMU's may be wrong)
+        self.header.update(facts)
 
     def _detect_endian(self, head: bytes) -> str:
         if head[:8] != KDUMP_SIGNATURE:
