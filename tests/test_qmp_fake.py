@@ -1,0 +1,251 @@
+"""QmpCollector against a scripted QMP peer (no QEMU needed): the protocol steps the guest tests
+cannot isolate (fd passing, closefd on refusal, pause from event timestamps, EPIPE on abort).
+
+The peer speaks QMP as QEMU 7.2 does for these commands (qapi/dump.json, qapi/misc.json): it
+takes the descriptor from SCM_RIGHTS on the ``getfd`` message, answers ``dump-guest-memory``
+after emitting STOP, writes an ELF vmcore into the descriptor, closes it, then emits
+DUMP_COMPLETED and RESUME. The vmcore is the suite's synthetic kernel in QEMU's ELF layout
+(phdrs at 192), packed by the test packer, not by our writer; the output is read back with
+libkdumpfile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+from kdumpling import write_dump
+from kdumpling.collectors.qmp import DumpFailedError, QmpCollector
+from kdumpling.errors import CaptureInterrupted, TargetGoneError
+
+from tests import testdumps as td
+from tests.readers import kdumpfile_module, lkf_open
+
+STOP_TS = (1700000000, 250000)
+RESUME_TS = (1700000001, 500000)  # the guest was paused 1.25 s, by QEMU's clock
+
+
+class FakeQemu(threading.Thread):
+    def __init__(self, path: Path, payload: bytes, *, refuse: str | None = None,
+                 chunk: int = 4096, greet: bool = True) -> None:
+        super().__init__(daemon=True)
+        self.path, self.payload, self.refuse, self.chunk, self.greet = (
+            path, payload, refuse, chunk, greet)
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(str(path))
+        self.srv.listen(4)
+        self.fds: dict[str, int] = {}
+        self.pending: list[int] = []
+        self.commands: list[dict[str, Any]] = []
+        self.closed_names: list[str] = []
+        self.dump_status = "none"
+        self.written = 0
+        self.write_error: str | None = None
+        self.send_lock = threading.Lock()
+        self.writer: threading.Thread | None = None
+
+    def send(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        with self.send_lock:
+            conn.sendall(json.dumps(msg).encode() + b"\n")
+
+    def event(self, conn: socket.socket, name: str, ts: tuple[int, int],
+              data: dict[str, Any] | None = None) -> None:
+        msg: dict[str, Any] = {"event": name,
+                               "timestamp": {"seconds": ts[0], "microseconds": ts[1]}}
+        if data is not None:
+            msg["data"] = data
+        self.send(conn, msg)
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.srv.accept()
+                with conn:
+                    self.serve(conn)
+
+    def serve(self, conn: socket.socket) -> None:
+        if not self.greet:
+            conn.recv(1)  # hold the connection without a greeting
+            return
+        self.send(conn, {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}},
+                                 "capabilities": []}})
+        buf = b""
+        while True:
+            data, fds, _, _ = socket.recv_fds(conn, 65536, 4)
+            if not data:
+                return
+            self.pending += fds
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                self.handle(conn, json.loads(line))
+
+    def handle(self, conn: socket.socket, cmd: dict[str, Any]) -> None:
+        self.commands.append(cmd)
+        name, args = cmd["execute"], cmd.get("arguments", {})
+        ret: Any = {}
+        if name == "query-status":
+            ret = {"status": "running", "running": True}
+        elif name == "query-dump":
+            ret = {"status": self.dump_status, "completed": self.written,
+                   "total": len(self.payload)}
+        elif name == "query-memory-size-summary":
+            ret = {"base-memory": len(self.payload)}
+        elif name == "getfd":
+            self.fds[args["fdname"]] = self.pending.pop(0)
+        elif name == "closefd":
+            os.close(self.fds.pop(args["fdname"]))
+            self.closed_names.append(args["fdname"])
+        elif name == "dump-guest-memory":
+            if self.refuse:
+                self.send(conn, {"error": {"class": "GenericError", "desc": self.refuse}})
+                return
+            fd = self.fds.pop(args["protocol"].removeprefix("fd:"))
+            self.event(conn, "STOP", STOP_TS)
+            self.dump_status = "active"
+            self.writer = threading.Thread(target=self.write_dump, args=(conn, fd))
+            self.writer.start()
+        self.send(conn, {"return": ret})
+
+    def write_dump(self, conn: socket.socket, fd: int) -> None:
+        try:
+            view = memoryview(self.payload)
+            while self.written < len(view):
+                self.written += os.write(fd, view[self.written : self.written + self.chunk])
+        except OSError as err:
+            self.write_error = os.strerror(err.errno or 0)
+        finally:
+            os.close(fd)  # QEMU's close is the reader's EOF
+        self.dump_status = "failed" if self.write_error else "completed"
+        data = {"result": {"status": self.dump_status, "completed": self.written,
+                           "total": len(self.payload)}}
+        if self.write_error:
+            data["error"] = f"dump: failed to save memory: {self.write_error}"
+        self.event(conn, "DUMP_COMPLETED", RESUME_TS, data)
+        self.event(conn, "RESUME", RESUME_TS)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.srv.shutdown(socket.SHUT_RDWR)
+        self.srv.close()
+        if self.writer is not None:
+            self.writer.join(10)
+
+
+@pytest.fixture(autouse=True)
+def deadline() -> Iterator[None]:
+    """A stuck pipe (a write end left open) would hang forever: fail instead."""
+    def boom(signum: int, frame: FrameType | None) -> None:
+        raise TimeoutError("test took longer than 60 s")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="module")
+def machine() -> td.Machine:
+    return td.x86_64_machine()
+
+
+@pytest.fixture
+def qemu_elf(machine: td.Machine, tmp_path: Path) -> bytes:
+    path = tmp_path / "qemu.elf"
+    td.pack_elf_vmcore(path, machine, layout="qemu")
+    return path.read_bytes()
+
+
+@pytest.fixture
+def fake(tmp_path: Path, qemu_elf: bytes, request: pytest.FixtureRequest) -> Iterator[FakeQemu]:
+    kw = getattr(request, "param", {})
+    server = FakeQemu(tmp_path / "qmp.sock", qemu_elf, **kw)
+    server.start()
+    yield server
+    server.close()
+
+
+def _read_back(path: Path, machine: td.Machine) -> None:
+    kdumpfile = kdumpfile_module()
+    ctx = lkf_open(str(path))
+    assert bytes(ctx.attr["linux.vmcoreinfo.raw"]) == machine.vmcoreinfo
+    for pfn in machine.pfns():
+        assert bytes(ctx.read(kdumpfile.KDUMP_MACHPHYSADDR, pfn * td.PAGE, td.PAGE)) == \
+            machine.page(pfn), f"pfn {pfn:#x}"
+
+
+@pytest.mark.readers
+def test_stream_converts_while_qemu_writes(fake: FakeQemu, machine: td.Machine,
+                                           tmp_path: Path) -> None:
+    progress: list[tuple[int, int]] = []
+    out = tmp_path / "out.kdump"
+    with QmpCollector(fake.path, progress=lambda d, t: progress.append((d, t))) as snap:
+        write_dump(snap.image, out, format="kdump", compression="zlib")
+    dump_cmd = next(c for c in fake.commands if c["execute"] == "dump-guest-memory")
+    getfd = next(c for c in fake.commands if c["execute"] == "getfd")
+    assert dump_cmd["arguments"] == {"paging": False, "format": "elf", "detach": True,
+                                     "protocol": "fd:" + getfd["arguments"]["fdname"]}
+    assert snap.pause_seconds == pytest.approx(1.25)
+    assert snap.meta["mode"] == "stream" and snap.meta["pipe_size"] >= 1 << 20
+    assert fake.written == len(fake.payload) and fake.write_error is None
+    assert all(t == len(fake.payload) for _, t in progress)
+    _read_back(out, machine)
+
+
+@pytest.mark.readers
+def test_spool_then_convert(fake: FakeQemu, machine: td.Machine, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    out = tmp_path / "out.elf"
+    with QmpCollector(fake.path, spool=str(spool)) as snap:
+        assert fake.dump_status == "completed"  # QEMU is done before conversion starts
+        assert snap.pause_seconds == pytest.approx(1.25)
+        assert snap.meta["stream_bytes"] == len(fake.payload)
+        assert os.listdir(spool) == []
+        write_dump(snap.image, out, format="elf")
+    assert os.listdir(spool) == []
+    _read_back(out, machine)
+
+
+@pytest.mark.parametrize("fake", [{"refuse": "kdump-lzo is not available now"}],
+                         indirect=True)
+def test_refused_dump_takes_the_fd_back(fake: FakeQemu) -> None:
+    with pytest.raises(DumpFailedError, match="not available now"), QmpCollector(fake.path):
+        pass
+    getfd = next(c for c in fake.commands if c["execute"] == "getfd")
+    assert fake.closed_names == [getfd["arguments"]["fdname"]]
+    assert fake.fds == {}
+
+
+@pytest.mark.parametrize("fake", [{"chunk": 512}], indirect=True)
+def test_abort_breaks_the_pipe(fake: FakeQemu, tmp_path: Path) -> None:
+    out = tmp_path / "out.kdump"
+    collector = QmpCollector(fake.path, pipe_size=4096)
+
+    def progress(done: int, total: int) -> None:
+        if done > 64 * 1024:
+            collector.abort()
+
+    with pytest.raises(CaptureInterrupted), collector as snap:
+        write_dump(snap.image, out, format="kdump", compression="none", progress=progress)
+    assert fake.write_error == os.strerror(32)  # EPIPE: QEMU fails the dump, resumes the guest
+    assert fake.written < len(fake.payload)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fake", [{"greet": False}], indirect=True)
+def test_busy_monitor(fake: FakeQemu) -> None:
+    """QEMU serves one QMP client per socket; a second one waits without a greeting."""
+    with pytest.raises(TargetGoneError, match="another one connected"), \
+            QmpCollector(fake.path, timeout=1.0):
+        pass
