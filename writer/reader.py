@@ -755,8 +755,6 @@ class ElfDump(Dump):
         for rng in self._map:
             pos = rng.start
             while pos < rng.data_end:
-                pfn = pos // ps
-                take = min(rng.data_end, (pfn + 1) * ps, pos + _COPY) - pos
                 # Read up to 1 MiB at a time, then cut it into pages.
                 chunk_end = min(rng.data_end, pos + _COPY)
                 data = self._blob.pread(rng.file_offset + (pos - rng.start), chunk_end - pos)
@@ -768,6 +766,13 @@ class ElfDump(Dump):
                     pfn = addr // ps
                     inpage = addr - pfn * ps
                     take = min(len(data) - cur, ps - inpage)
+                    if take == ps and pfn != pending_pfn:  # a whole page: no copy
+                        if pending_pfn >= 0:
+                            yield pending_pfn, bytes(pending)
+                            pending_pfn = -1
+                        yield pfn, data[cur : cur + ps]
+                        cur += ps
+                        continue
                     if pfn != pending_pfn:
                         if pending_pfn >= 0:
                             yield pending_pfn, bytes(pending)
