@@ -27,6 +27,7 @@ from kdumpling.errors import (
 
 # capability number of CAP_SYS_PTRACE (include/uapi/linux/capability.h)
 CAP_SYS_PTRACE = 19
+PF_EXITING = 0x4  # task->flags while in do_exit (include/linux/sched.h)
 
 # Bracketed maps names that are ordinary anonymous memory, not special mappings. Everything else
 # in brackets ([vdso], [vvar], [vvar_vclock], [vsyscall], [uprobes], [sigpage], [vectors]) is a
@@ -342,6 +343,21 @@ class ProcFS:
             return parse_stat(self.read(pid, "task", str(tid), "stat")).state
         except (OSError, ValueError, IndexError):
             return None
+
+    def has_running_thread(self, pid: int) -> bool:
+        """Does any thread of ``pid`` live without PF_EXITING (include/linux/sched.h)?"""
+        try:
+            tids = os.listdir(self.path(pid, "task"))
+        except OSError:
+            return False
+        for tid in tids:
+            try:
+                st = parse_stat(self.read(pid, "task", tid, "stat"))
+            except (OSError, ValueError, IndexError):
+                continue
+            if st.state not in "ZX" and not st.flags & PF_EXITING:
+                return True
+        return False
 
     def open_mem(self, pid: int) -> int:
         with self.errors(pid, "open the memory (/proc/PID/mem)"):

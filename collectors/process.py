@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
@@ -422,12 +423,13 @@ class MemoryReader:
                 self.unreadable.append(UnreadableRange(start, end, reason))
 
     def gone(self) -> TargetGoneError:
-        """The address space went away under a read: exited, killed, or exec'd."""
-        state = self.procfs.thread_state(self.pid, self.pid)
-        if state is None or state in "ZX":
-            return TargetGoneError(f"process {self.pid} exited during the capture")
-        return TargetGoneError(
-            f"process {self.pid} replaced its memory (exec) during the capture")
+        """The address space went away under a read: exited (or killed), or exec'd. A thread
+        that still runs without PF_EXITING means exec; exiting threads carry the flag before
+        they drop the mm (kernel/exit.c do_exit: exit_signals, then exit_mm)."""
+        if self.procfs.has_running_thread(self.pid):
+            return TargetGoneError(
+                f"process {self.pid} replaced its memory (exec) during the capture")
+        return TargetGoneError(f"process {self.pid} exited during the capture")
 
     def read(self, addr: int, length: int, *, sparse: bool = False) -> bytes:
         if sparse:
@@ -471,12 +473,17 @@ class MemoryReader:
 
 
 class SparseCopy:
-    """A segment source holding pieces read while the process was stopped (low-pause stacks)."""
+    """A segment source whose bytes from ``copied_from`` on were read while the process was
+    stopped (low-pause stacks: the live part, above the stack pointer); the bytes before it go
+    to ``fallback``, read later, or are zeros without one."""
 
-    def __init__(self, size: int, pieces: Sequence[tuple[int, bytes]]) -> None:
+    def __init__(self, size: int, pieces: Sequence[tuple[int, bytes]], copied_from: int = 0,
+                 fallback: Callable[[int, int], bytes] | None = None) -> None:
         self._size = size
         self._pieces = sorted(pieces)
         self._starts = [p[0] for p in self._pieces]
+        self._copied_from = copied_from
+        self._fallback = fallback
 
     @property
     def size(self) -> int:
@@ -487,6 +494,13 @@ class SparseCopy:
         return sum(len(p[1]) for p in self._pieces)
 
     def read(self, offset: int, length: int) -> bytes:
+        head = b""
+        if offset < self._copied_from:
+            n = min(length, self._copied_from - offset)
+            head = self._fallback(offset, n) if self._fallback else bytes(n)
+            offset, length = offset + n, length - n
+            if not length:
+                return head
         out = bytearray(length)
         i = max(0, bisect.bisect_right(self._starts, offset) - 1)
         end = offset + length
@@ -496,7 +510,7 @@ class SparseCopy:
             if a < b:
                 out[a - offset : b - offset] = data[a - start : b - start]
             i += 1
-        return bytes(out)
+        return head + bytes(out) if head else bytes(out)
 
     def file_range(self) -> None:
         return None
@@ -904,6 +918,7 @@ class ProcessCollector:
         self._tracer: _Tracer | None = None
         self._guard = _SignalGuard()
         self._fds: list[int] = []
+        self._prefetcher: Prefetcher | None = None
         self._arch = get_arch(platform.machine())
         self._regsets = REGSETS.get(self._arch.name, ArchRegsets("SP", (NT_PRFPREG,)))
         self._page = os.sysconf("SC_PAGE_SIZE")
@@ -938,6 +953,8 @@ class ProcessCollector:
 
     def _release(self) -> list[str]:
         problems: list[str] = []
+        if self._prefetcher is not None:
+            self._prefetcher.close()  # no read may run once the target is released
         if self._tracer is not None:
             tracer = self._tracer
             if tracer.released_at is None:
@@ -1039,7 +1056,8 @@ class ProcessCollector:
                 if hi > lo:
                     reader.record(lo, hi, plan.unreadable_reason)
         predicted = list(unreadable)
-        segments = self._segments(plans, reader, stack_copies)
+        self._prefetcher = Prefetcher(reader)
+        segments = self._segments(plans, self._prefetcher, stack_copies)
 
         comm = pre.stat.comm.decode("utf-8", "replace")
         annotations = self._annotations(pre, threads, tracer, predicted, omitted)
@@ -1073,17 +1091,26 @@ class ProcessCollector:
         return snap
 
     def _copy_now(self, reader: MemoryReader, plan: MappingPlan) -> SparseCopy:
-        """Read a stack VMA's pages into memory (only the pages that exist)."""
+        """Copy the live part of a stack VMA (from the lowest stack pointer in it, less the
+        red zone, to its end: the frames, and TLS and struct pthread for glibc threads) while
+        the process is stopped; the dead part below is read later, like the heap."""
         e = plan.entry
         lo, hi = e.start + plan.skip_head, e.start + plan.readable
+        if plan.stack_sp is not None:
+            lo = max(lo, min(hi, (plan.stack_sp - 128) // self._page * self._page))
         pieces: list[tuple[int, bytes]] = []
+        base = e.start + plan.skip_head
         if hi > lo:
             runs = reader.present_runs(lo, hi - lo) if plan.sparse else None
             for a, b in runs if runs is not None else [(lo, hi)]:
-                pieces.append((a - lo, reader.read_raw(a, b - a)))
-        return SparseCopy(plan.dump - plan.skip_head, pieces)
+                pieces.append((a - base, reader.read_raw(a, b - a)))
 
-    def _segments(self, plans: Sequence[MappingPlan], reader: MemoryReader,
+        def below_sp(offset: int, length: int) -> bytes:
+            return reader.read(base + offset, length, sparse=plan.sparse)
+
+        return SparseCopy(plan.dump - plan.skip_head, pieces, lo - base, below_sp)
+
+    def _segments(self, plans: Sequence[MappingPlan], prefetcher: Prefetcher,
                   copies: Mapping[int, SparseCopy]) -> list[MemorySegment]:
         segments: list[MemorySegment] = []
         for plan in plans:
@@ -1102,8 +1129,7 @@ class ProcessCollector:
                 continue
             src: SegmentSource | None = copies.get(e.start)
             if src is None:
-                src = CallableSource(size, _lazy_reader(reader, start, plan.readable
-                                                        - plan.skip_head, plan.sparse))
+                src = prefetcher.add(start, size, plan.readable - plan.skip_head, plan.sparse)
             segments.append(MemorySegment(0, src, virt_addr=start, mem_size=mem_size,
                                           flags=flags))
         return segments
@@ -1136,15 +1162,81 @@ class ProcessCollector:
         return ann
 
 
-def _lazy_reader(reader: MemoryReader, start: int, readable: int,
-                 sparse: bool) -> Callable[[int, int], bytes]:
-    def read(offset: int, length: int) -> bytes:
-        if offset + length <= readable:
-            return reader.read(start + offset, length, sparse=sparse)
-        head = max(0, readable - offset)
-        data = reader.read(start + offset, head, sparse=sparse) if head else b""
+@dataclass(frozen=True)
+class _LazyRange:
+    start: int  # address of byte 0 of the segment
+    size: int  # bytes the segment provides
+    readable: int  # bytes from ``start`` that can be read; zeros after
+    sparse: bool
+
+
+class Prefetcher:
+    """Reads the lazily dumped segments for the writer, one chunk ahead in a helper thread.
+
+    The writer asks for segments in order, front to back, in equal chunks; while it compresses
+    or writes chunk N (pwrite releases the GIL), the helper preads chunk N+1 (so does pread),
+    so reading and writing overlap on two CPUs. A request that is not the predicted one is
+    simply read in place. ``close()`` waits for the helper, so nothing reads after it returns.
+    """
+
+    def __init__(self, reader: MemoryReader) -> None:
+        self.reader = reader
+        self.ranges: list[_LazyRange] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, int, int, Future[bytes]] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def add(self, start: int, size: int, readable: int, sparse: bool) -> CallableSource:
+        index = len(self.ranges)
+        self.ranges.append(_LazyRange(start, size, readable, sparse))
+        return CallableSource(size, lambda off, n: self.read(index, off, n), self.close)
+
+    def fetch(self, index: int, offset: int, length: int) -> bytes:
+        r = self.ranges[index]
+        if offset + length <= r.readable:
+            return self.reader.read(r.start + offset, length, sparse=r.sparse)
+        head = max(0, r.readable - offset)
+        data = self.reader.read(r.start + offset, head, sparse=r.sparse) if head else b""
         return data + bytes(length - head)
-    return read
+
+    def read(self, index: int, offset: int, length: int) -> bytes:
+        with self._lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:3] == (index, offset, length):
+            data = ahead[3].result()
+        else:
+            if ahead is not None:
+                ahead[3].cancel()
+                with contextlib.suppress(BaseException):
+                    ahead[3].result()  # a mispredicted read: wait so reads never pile up
+            data = self.fetch(index, offset, length)
+        self._schedule(index, offset + length, length)
+        return data
+
+    def _schedule(self, index: int, offset: int, length: int) -> None:
+        if offset >= self.ranges[index].size:
+            index, offset = index + 1, 0
+            if index >= len(self.ranges):
+                return
+        length = min(length, self.ranges[index].size - offset)
+        with self._lock:
+            if self._closed:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdumpling-read")
+            self._ahead = (index, offset, length,
+                           self._pool.submit(self.fetch, index, offset, length))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[3].cancel()
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def capture_process(
