@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,3 +260,55 @@ def test_units_security_score(tmp_path: Path, unit: str) -> None:
     strict = subprocess.run([tool, "security", "--offline=true", "--threshold=39", f"./{unit}"],
                             cwd=units, capture_output=True, text=True, timeout=120, check=False)
     assert strict.returncode == 0
+
+
+def _cgroup_root() -> Path | None:
+    """Where a test may create a unit-like cgroup: systemd's named v1 hierarchy or cgroup2."""
+    for root in (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"),
+                 Path("/sys/fs/cgroup")):
+        if (root / "cgroup.procs").exists() and os.access(root, os.W_OK):
+            return root
+    return None
+
+
+@pytest.mark.ptrace
+def test_service_target_by_unit(tmp_path: Path) -> None:
+    if os.path.isdir("/run/systemd/system"):
+        pytest.skip("systemd is running: units resolve through systemctl, not a test cgroup")
+    root = _cgroup_root()
+    if root is None or os.geteuid() != 0:
+        pytest.skip("needs root and a writable cgroup hierarchy")
+    unit = f"kdl-test-{os.getpid()}.service"
+    cg = root / unit
+    store = tmp_path / "store"
+    try:
+        cg.mkdir()
+    except OSError as err:
+        pytest.skip(f"cannot create a cgroup: {err}")
+    try:
+        with fixture_process(mb=2) as fx:
+            try:
+                (cg / "cgroup.procs").write_text(str(fx.pid))
+            except OSError as err:
+                pytest.skip(f"cannot move a process into a cgroup: {err}")
+            cfg = tmp_path / "agent.toml"
+            cfg.write_text(f'[output]\ndirectory = "{store}"\n'
+                           f'[targets.svc]\ntype = "process"\nunit = "{unit}"\n'
+                           'interval = "1h"\n')
+            proc = run_agent(["service", "--once", "--config", str(cfg)], tmp_path)
+            assert proc.returncode == 0, proc.stderr
+            (rec,) = _records(store, "svc")
+            assert rec["pid"] == fx.pid
+            fx.assert_untouched()
+            # the unit has no process any more: the target is gone (69)
+            fx.stop()
+            gone = run_agent(["service", "--once", "--config", str(cfg)], tmp_path)
+            assert gone.returncode == 69
+            assert f"unit {unit} has no running process" in gone.stderr
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
