@@ -562,6 +562,15 @@ def test_bad_files(tmp_path: Path, built: Built) -> None:
         assert str(path) in str(err.value), name
     with pytest.raises(UsageError, match="cannot open"):
         open_dump(tmp_path / "missing")
+    with pytest.raises(UsageError, match="not a regular file"):
+        open_dump(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    fd = os.open(tmp_path / "fifo", os.O_RDWR)  # keeps open_dump's O_RDONLY from blocking
+    try:
+        with pytest.raises(UsageError, match="read_elf_stream"):
+            open_dump(tmp_path / "fifo")
+    finally:
+        os.close(fd)
     # Program headers claiming more than the file holds.
     data = bytearray(built.files["kexec.elf"].read_bytes()[:8192])
     struct.pack_into("<H", data, 56, 60000)

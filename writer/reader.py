@@ -1353,6 +1353,12 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
     except OSError as err:
         raise UsageError(f"cannot open {name}: {err.strerror}") from err
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise UsageError(
+                f"{name} is not a regular file; a dump arriving on a pipe needs "
+                "read_elf_stream() (ELF) or reassemble_flattened() (flattened kdump)"
+            )
         magic = os.pread(fd, 16, 0)
         dump: Dump
         if magic[:4] == ELFMAG:
