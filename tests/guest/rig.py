@@ -200,8 +200,9 @@ def prepare_debuginfo(kernel: KernelFiles) -> Path:
         (deb,) = debs.glob(f"{pkg}_*.deb")
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name("vmlinux.tmp")
+        # stop reading once vmlinux is out: dpkg-deb then dies of EPIPE (stderr silenced)
         with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                              stdout=subprocess.PIPE) as p:
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as p:
             assert p.stdout is not None
             with tarfile.open(fileobj=p.stdout, mode="r|") as tar:
                 for member in tar:
