@@ -8,6 +8,7 @@ code runs under systemd, in a terminal and in tests. Journal detection follows s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -25,6 +26,10 @@ class Notifier:
         elif addr.startswith("/"):
             self._addr = addr
         self._sock: socket.socket | None = None
+        if self._addr is not None:  # made once, here: the watchdog thread shares it
+            with contextlib.suppress(OSError):
+                self._sock = socket.socket(socket.AF_UNIX,
+                                           socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.watchdog_usec = _watchdog_usec()
         self._last_watchdog = 0.0
 
@@ -33,15 +38,11 @@ class Notifier:
         return self._addr is not None
 
     def notify(self, **fields: str | int) -> None:
-        if self._addr is None:
+        if self._addr is None or self._sock is None:
             return
         msg = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        with contextlib.suppress(OSError):  # the manager went away: a daemon must not die
             self._sock.sendto(msg, self._addr)
-        except OSError:
-            pass  # the manager went away; a daemon must not die because of that
 
     def ready(self, status: str = "") -> None:
         self.notify(READY=1, **({"STATUS": status} if status else {}))
