@@ -18,12 +18,16 @@ detached before the error leaves this module; if this process dies, the kernel d
 
 from __future__ import annotations
 
+import array
 import bisect
 import contextlib
+import ctypes
 import errno
+import mmap
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -358,6 +362,36 @@ _HAS_DATA = bytes(1 if b & 0xC0 else 0 for b in range(256))
 _IS_ANON = bytes(1 if (b & 0x40) or (b & 0x80 and not b & 0x20) else 0 for b in range(256))
 
 
+PFN_MASK = (1 << 55) - 1  # pagemap bits 0-54
+_zero_pfn: list[int | None] = []
+
+
+def zero_page_pfn(page: int) -> int | None:
+    """PFN of the kernel's shared zero page, learnt once from our own pagemap: a private
+    anonymous page that was only read maps it. None when PFNs are hidden (they read as 0
+    without CAP_SYS_ADMIN) or the architecture does not use a zero page."""
+    if _zero_pfn:
+        return _zero_pfn[0]
+    pfn: int | None = None
+    try:
+        m = mmap.mmap(-1, page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            ref = ctypes.c_char.from_buffer(m)
+            addr = ctypes.addressof(ref)
+            _ = m[0]  # a read fault maps the zero page
+            with open("/proc/self/pagemap", "rb", buffering=0) as f:
+                entry = int.from_bytes(os.pread(f.fileno(), 8, addr // page * 8), sys.byteorder)
+            del ref
+        finally:
+            m.close()
+        if entry >> 63 and entry & PFN_MASK:
+            pfn = entry & PFN_MASK
+    except (OSError, ValueError, BufferError):
+        pfn = None
+    _zero_pfn.append(pfn)
+    return pfn
+
+
 def _runs(flags: bytes) -> list[tuple[int, int]]:
     """[start, end) index runs of 1 bytes."""
     runs = []
@@ -387,6 +421,7 @@ class MemoryReader:
         self._lock = threading.Lock()
 
     def _pagemap(self, addr: int, length: int) -> bytes | None:
+        """The pagemap entries (8 bytes per page) covering [addr, addr + length)."""
         if self.pagemap_fd is None:
             return None
         first = addr // self.page
@@ -395,24 +430,38 @@ class MemoryReader:
             data = os.pread(self.pagemap_fd, count * 8, first * 8)
         except OSError:
             return None
-        return data[7::8] if len(data) == count * 8 else None
+        return data if len(data) == count * 8 else None
+
+    def _flags(self, entries: bytes, table: bytes) -> bytes:
+        """One byte per page, 1 where ``table`` says the page has data; pages that map the
+        shared zero page count as empty (a debugger's reads leave whole stacks of them)."""
+        flags = entries[7::8].translate(table)
+        zero = zero_page_pfn(self.page)
+        if zero is None or entries.find(zero.to_bytes(8, "little")[:6]) < 0:
+            return flags
+        words = array.array("Q")
+        words.frombytes(entries)
+        if sys.byteorder != "little":
+            words.byteswap()
+        return bytes(0 if e >> 63 and not e >> 62 & 1 and e & PFN_MASK == zero else f
+                     for e, f in zip(words, flags, strict=True))
 
     def present_runs(self, addr: int, length: int) -> list[tuple[int, int]] | None:
         """Address runs that hold data (present or swapped pages); None when unknown."""
-        tops = self._pagemap(addr, length)
-        if tops is None:
+        entries = self._pagemap(addr, length)
+        if entries is None:
             return None
         base = addr // self.page * self.page
         out = []
-        for a, b in _runs(tops.translate(_HAS_DATA)):
+        for a, b in _runs(self._flags(entries, _HAS_DATA)):
             out.append((max(addr, base + a * self.page), min(addr + length, base + b * self.page)))
         return out
 
     def has_anon_pages(self, addr: int, length: int) -> bool | None:
-        tops = self._pagemap(addr, length)
-        if tops is None:
+        entries = self._pagemap(addr, length)
+        if entries is None:
             return None
-        return 1 in tops.translate(_IS_ANON)
+        return 1 in self._flags(entries, _IS_ANON)
 
     def record(self, start: int, end: int, reason: str) -> None:
         with self._lock:

@@ -195,6 +195,27 @@ def test_core_structure_and_memory_policy(target: pt.Target, tmp_path: Path,
     pt.assert_released(target.pid)
 
 
+def test_reader_zero_fills_pages_it_cannot_read(target: pt.Target) -> None:
+    # Read past the end of the file behind a mapping without the planner's help: the pages
+    # past EOF raise EIO in /proc/PID/mem and must come back as zeros, recorded, not as errors.
+    from kdumpling.collectors._procfs import ProcFS
+    from kdumpling.collectors.process import MemoryReader
+
+    fs = ProcFS()
+    fd = fs.open_mem(target.pid)
+    try:
+        unreadable: list[object] = []
+        reader = MemoryReader(target.pid, fs, fd, None, PAGE, unreadable)  # type: ignore[arg-type]
+        start = target.regions["pastend"]
+        data = reader.read(start, 4 * PAGE)
+        assert data[:2] == b"mW" and data[PAGE:] == bytes(3 * PAGE)
+        (bad,) = unreadable
+        assert (bad.start, bad.end) == (start + PAGE, start + 4 * PAGE)  # type: ignore[attr-defined]
+        assert "EIO" in bad.reason  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)
+
+
 def _vdso_start(auxv: bytes) -> int:
     for i in range(0, len(auxv), 16):
         key, value = struct.unpack_from("<QQ", auxv, i)
@@ -310,6 +331,27 @@ def test_threads_created_during_capture(binaries: dict[str, Path], tmp_path: Pat
         assert t.ping().startswith("pong")
     finally:
         t.stop()
+
+
+def test_stopped_target_stays_stopped(target: pt.Target, tmp_path: Path) -> None:
+    # A process stopped by SIGSTOP (job control) is captured and left stopped, not resumed.
+    tids = target.tids()
+    os.kill(target.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while pt.proc_status(target.pid)["State"][0] != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        core = tmp_path / "core"
+        snap, _ = capture_process(target.pid, core)
+        assert sorted(snap.meta["threads"]) == sorted(tids)  # type: ignore[arg-type]
+        status = pt.proc_status(target.pid)
+        assert status["State"][0] == "T" and status["TracerPid"] == "0"
+        assert pt.run_gdb(target.exe, core).problems(target.pid, tids, target.worker_ids) == []
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    assert target.ping().startswith("pong")
+    pt.assert_released(target.pid)
 
 
 def test_target_killed_during_consistent_capture(target: pt.Target, tmp_path: Path) -> None:

@@ -404,3 +404,34 @@ def test_memory_reader_uses_pagemap_and_reports_a_vanished_address_space(tmp_pat
     finally:
         os.close(mfd)
         os.close(pfd)
+
+
+def test_zero_page_mappings_count_as_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    # A debugger's reads leave pages that map the shared zero page: present in pagemap, but
+    # nothing to read. Entries: zero page, real page, swapped, zero page with soft-dirty.
+    zero_pfn = 0x3B32
+    monkeypatch.setattr(P, "_zero_pfn", [zero_pfn])
+    mem = tmp_path / "mem"
+    mem.write_bytes(b"y" * (4 * PAGE))
+    pagemap = tmp_path / "pagemap"
+    pagemap.write_bytes(struct.pack("<4Q", 1 << 63 | zero_pfn, 1 << 63 | 0x9999, 1 << 62 | zero_pfn,
+                                    1 << 63 | 1 << 55 | zero_pfn))
+    fs = fake_proc(tmp_path)
+    mfd, pfd = os.open(mem, os.O_RDONLY), os.open(pagemap, os.O_RDONLY)
+    try:
+        reader = P.MemoryReader(PID, fs, mfd, pfd, PAGE, [])
+        assert reader.present_runs(0, 4 * PAGE) == [(PAGE, 3 * PAGE)]
+        assert reader.read(0, 4 * PAGE, sparse=True) == bytes(PAGE) + b"y" * 2 * PAGE + bytes(PAGE)
+        assert reader.has_anon_pages(0, PAGE) is False
+        assert reader.has_anon_pages(0, 2 * PAGE) is True
+    finally:
+        os.close(mfd)
+        os.close(pfd)
+
+
+def test_zero_page_pfn_is_learnt_or_unknown() -> None:
+    pfn = P.zero_page_pfn(os.sysconf("SC_PAGE_SIZE"))
+    if os.geteuid() == 0:
+        assert pfn is not None and pfn > 0  # root sees PFNs
+    assert P.zero_page_pfn(os.sysconf("SC_PAGE_SIZE")) == pfn  # cached
