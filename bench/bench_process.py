@@ -36,6 +36,7 @@ class Sample:
     pause: float | None
     maxrss_kib: int
     out_bytes: int
+    cpu: float  # user + system seconds of the capturing process (less noisy than wall)
 
 
 @dataclass
@@ -58,8 +59,8 @@ def child_main(pid: int, out: str, mode: str, fsync: bool) -> None:
                       "bytes_out": result.bytes_out, "unreadable": len(snap.unreadable)}))
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS KiB, stdout) of one child, via wait4 rusage."""
+def run_measured(cmd: list[str]) -> tuple[float, int, str, float]:
+    """(wall seconds, peak RSS KiB, stdout, CPU seconds) of one child, via wait4 rusage."""
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -69,7 +70,7 @@ def run_measured(cmd: list[str]) -> tuple[float, int, str]:
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err[-2000:]}")
-    return wall, usage.ru_maxrss, out
+    return wall, usage.ru_maxrss, out, usage.ru_utime + usage.ru_stime
 
 
 def start_target(exe: Path, mib: int, threads: int) -> subprocess.Popen[bytes]:
@@ -103,12 +104,11 @@ def main() -> None:
     ap.add_argument("--threads", default="4,200")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--outdir", default="/var/tmp")
-    ap.add_argument("--no-fsync", action="store_true", help="our writer skips fsync (gcore "
-                    "never fsyncs); default: fsync, as the agent does")
-    ap.add_argument("--child", nargs=3, metavar=("PID", "OUT", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("PID", "OUT", "MODE", "FSYNC"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child_main(int(args.child[0]), args.child[1], args.child[2], not args.no_fsync)
+        child_main(int(args.child[0]), args.child[1], args.child[2], args.child[3] == "1")
         return
 
     gcore = shutil.which("gcore")
@@ -120,7 +120,8 @@ def main() -> None:
         exe = work / "proc_target"
         subprocess.run([gcc, "-O2", "-g", "-pthread", "-o", str(exe), str(SOURCE)], check=True)
         print(f"# {args.mib} MiB target, outputs in {work}, runs={args.runs}, "
-              f"fsync={'no' if args.no_fsync else 'yes'}, python {sys.version.split()[0]}")
+              f"python {sys.version.split()[0]}; gcore never fsyncs, so the compared runs do "
+              f"not either; '+fsync' shows what the agent's default durability costs")
         for threads in (int(t) for t in args.threads.split(",")):
             bench_threads(exe, work, args, gcore, threads)
     finally:
@@ -132,30 +133,35 @@ def bench_threads(exe: Path, work: Path, args: argparse.Namespace, gcore: str,
     target = start_target(exe, args.mib, threads)
     pid = target.pid
     out = work / "core"
-    series = {name: Series(name) for name in ("gcore", "consistent", "low-pause")}
+    names = ("gcore", "consistent", "low-pause", "consistent+fsync")
+    series = {name: Series(name) for name in names}
     me = [sys.executable, str(Path(__file__).resolve())]
-    if args.no_fsync:
-        me.append("--no-fsync")
     try:
         # warm-up: gdb's first start loads symbols from disk, our first import compiles .pyc
         run_measured([gcore, "-o", str(out), str(pid)])
-        run_measured([*me, "--child", str(pid), str(out), "consistent"])
+        for leftover in work.glob("core*"):
+            leftover.unlink()
+        run_measured([*me, "--child", str(pid), str(out), "consistent", "0"])
         for _ in range(args.runs):
             for name in series:
                 for leftover in work.glob("core*"):
                     leftover.unlink()
                 if name == "gcore":
-                    wall, rss, _ = run_measured([gcore, "-o", str(out), str(pid)])
+                    wall, rss, _, cpu = run_measured([gcore, "-o", str(out), str(pid)])
                     files = list(work.glob("core*"))
                     size = files[0].stat().st_size if files else 0
                     # gcore (gdb attach) keeps the process stopped for its whole run
-                    series[name].samples.append(Sample(wall, wall, rss, size))
+                    series[name].samples.append(Sample(wall, wall, rss, size, cpu))
                 else:
-                    wall, rss, text = run_measured([*me, "--child", str(pid), str(out), name])
+                    mode, _, sync = name.partition("+")
+                    wall, rss, text, cpu = run_measured(
+                        [*me, "--child", str(pid), str(out), mode, "1" if sync else "0"])
                     info = json.loads(text.strip().splitlines()[-1])
                     series[name].samples.append(Sample(wall, info["pause"], rss,
-                                                       info["bytes_out"]))
+                                                       info["bytes_out"], cpu))
                 check_released(pid)
+                for leftover in work.glob("core*"):
+                    leftover.unlink()
     finally:
         target.kill()
         target.wait()
@@ -164,13 +170,14 @@ def bench_threads(exe: Path, work: Path, args: argparse.Namespace, gcore: str,
 
     g_wall = series["gcore"].median("wall")
     print(f"\n## {threads} threads, {args.mib} MiB touched (median of {args.runs})")
-    print(f"{'method':<12} {'wall s':>8} {'x gcore':>8} {'pause ms':>10} {'peak RSS MB':>12} "
-          f"{'core MB':>9}")
+    print(f"{'method':<17} {'wall s':>7} {'x gcore':>8} {'CPU s':>6} {'pause ms':>9} "
+          f"{'peak RSS MB':>12} {'core MB':>8}")
     for s in series.values():
         wall = s.median("wall")
         pause = s.median("pause")
-        print(f"{s.name:<12} {wall:8.3f} {wall / g_wall:8.2f} {pause * 1000:10.1f} "
-              f"{s.median('maxrss_kib') / 1024:12.1f} {s.median('out_bytes') / 2**20:9.1f}")
+        print(f"{s.name:<17} {wall:7.3f} {wall / g_wall:8.2f} {s.median('cpu'):6.2f} "
+              f"{pause * 1000:9.1f} {s.median('maxrss_kib') / 1024:12.1f} "
+              f"{s.median('out_bytes') / 2**20:8.1f}")
     c, lp = series["consistent"], series["low-pause"]
     verdicts = [
         ("consistent wall <= 0.8x gcore", c.median("wall") <= 0.8 * g_wall),

@@ -10,7 +10,6 @@ decides what they mean.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 PTRACE_CONT = 7
@@ -31,7 +30,9 @@ PTRACE_EVENT_STOP = 128
 # waitpid flag: wait for clone children (threads) too (include/uapi/linux/wait.h)
 WALL = 0x40000000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The running interpreter already links the C library: look ptrace up in the global namespace
+# (ctypes.util.find_library would spawn ldconfig, 30 ms of start-up).
+_libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.restype = ctypes.c_long
 _ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]

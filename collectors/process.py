@@ -25,7 +25,6 @@ import ctypes
 import errno
 import mmap
 import os
-import platform
 import signal
 import sys
 import threading
@@ -362,6 +361,15 @@ _HAS_DATA = bytes(1 if b & 0xC0 else 0 for b in range(256))
 _IS_ANON = bytes(1 if (b & 0x40) or (b & 0x80 and not b & 0x20) else 0 for b in range(256))
 
 
+_ZEROS = bytes(CHUNK)
+
+
+def zeros(length: int) -> bytes:
+    """``length`` zero bytes; the common whole-chunk case shares one object (a fresh 1 MiB
+    calloc costs 256 page faults each time the writer looks at it)."""
+    return _ZEROS if length == CHUNK else bytes(length)
+
+
 PFN_MASK = (1 << 55) - 1  # pagemap bits 0-54
 _zero_pfn: list[int | None] = []
 
@@ -485,7 +493,7 @@ class MemoryReader:
             runs = self.present_runs(addr, length)
             if runs is not None:
                 if not runs:
-                    return bytes(length)
+                    return zeros(length)
                 if runs != [(addr, addr + length)]:
                     buf = bytearray(length)
                     for a, b in runs:
@@ -968,7 +976,7 @@ class ProcessCollector:
         self._guard = _SignalGuard()
         self._fds: list[int] = []
         self._prefetcher: Prefetcher | None = None
-        self._arch = get_arch(platform.machine())
+        self._arch = get_arch(os.uname().machine)
         self._regsets = REGSETS.get(self._arch.name, ArchRegsets("SP", (NT_PRFPREG,)))
         self._page = os.sysconf("SC_PAGE_SIZE")
 
@@ -1247,7 +1255,7 @@ class Prefetcher:
             return self.reader.read(r.start + offset, length, sparse=r.sparse)
         head = max(0, r.readable - offset)
         data = self.reader.read(r.start + offset, head, sparse=r.sparse) if head else b""
-        return data + bytes(length - head)
+        return data + zeros(length - head) if data else zeros(length)
 
     def read(self, index: int, offset: int, length: int) -> bytes:
         with self._lock:
