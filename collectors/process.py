@@ -976,6 +976,7 @@ class ProcessCollector:
         self._guard = _SignalGuard()
         self._fds: list[int] = []
         self._prefetcher: Prefetcher | None = None
+        self._predicted = 0  # unreadable ranges known before writing (listed in the notes)
         self._arch = get_arch(os.uname().machine)
         self._regsets = REGSETS.get(self._arch.name, ArchRegsets("SP", (NT_PRFPREG,)))
         self._page = os.sysconf("SC_PAGE_SIZE")
@@ -1004,6 +1005,15 @@ class ProcessCollector:
         if self.snapshot is not None:
             self.snapshot.pause_seconds = self.pause_seconds
             self.snapshot.warnings.extend(problems)
+            # Ranges found unreadable while the writer ran came after the notes were written:
+            # the snapshot (and the agent's report) is where they are listed.
+            late = self.snapshot.unreadable[self._predicted:]
+            if late:
+                shown = ", ".join(f"{_hex_range(r.start, r.end)} ({r.reason})" for r in late[:5])
+                more = f" and {len(late) - 5} more" if len(late) > 5 else ""
+                self.snapshot.warnings.append(
+                    f"{len(late)} range(s) could not be read and were written as zeros: "
+                    f"{shown}{more}")
             self.snapshot.meta["pause_seconds"] = self.pause_seconds
         if exc is None and self._guard.pending is not None:
             raise self._guard.error()
@@ -1113,6 +1123,7 @@ class ProcessCollector:
                 if hi > lo:
                     reader.record(lo, hi, plan.unreadable_reason)
         predicted = list(unreadable)
+        self._predicted = len(predicted)
         self._prefetcher = Prefetcher(reader)
         segments = self._segments(plans, self._prefetcher, stack_copies)
 

@@ -195,6 +195,35 @@ def test_core_structure_and_memory_policy(target: pt.Target, tmp_path: Path,
     pt.assert_released(target.pid)
 
 
+def test_late_unreadable_ranges_become_warnings(target: pt.Target, tmp_path: Path) -> None:
+    # Unmap a region the plan expects to read (shared memory: read in full, no pagemap), while
+    # the target runs in low-pause mode: the writer meets EIO, writes zeros, and the snapshot
+    # says so (the notes were already written).
+    core = tmp_path / "core"
+    shared = target.regions["shared"]
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not calls:
+            calls.append(done)
+            out = subprocess.run(["gdb", "-nx", "-batch", "-p", str(target.pid), "-ex",
+                                  f"print (int) munmap({shared:#x}, {2 * PAGE})"],
+                                 capture_output=True, text=True, timeout=60)
+            assert "= 0" in out.stdout, out.stdout + out.stderr
+
+    snap, _ = capture_process(target.pid, core, mode="low-pause", progress=progress)
+    late = [r for r in snap.unreadable if shared <= r.start < shared + 2 * PAGE]
+    assert late and all("EIO" in r.reason and "while the process ran" in r.reason for r in late)
+    assert any("could not be read and were written as zeros" in w for w in snap.warnings)
+    c = Core(core)
+    try:
+        assert c.read(shared, 2 * PAGE) == bytes(2 * PAGE)
+        assert f"{shared:#x}" not in str(c.annotations())
+    finally:
+        c.close()
+    pt.assert_released(target.pid)
+
+
 def test_reader_zero_fills_pages_it_cannot_read(target: pt.Target) -> None:
     # Read past the end of the file behind a mapping without the planner's help: the pages
     # past EOF raise EIO in /proc/PID/mem and must come back as zeros, recorded, not as errors.
