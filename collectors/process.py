@@ -631,7 +631,8 @@ class _SignalGuard:
 
     def restore(self) -> None:
         for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
+            # None: the old handler was not set from Python; the default is the best guess
+            signal.signal(sig, signal.SIG_DFL if old is None else old)  # type: ignore[arg-type]
         self._old.clear()
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
@@ -948,6 +949,8 @@ class ProcessCollector:
     ``filter_mask``: coredump_filter bits (None: the target's own /proc/PID/coredump_filter).
     ``size_cap``: at most this many bytes of memory data; past it the core is marked truncated.
     ``pause_seconds`` (also on the snapshot) is the time from the first stop to the last detach.
+    ptrace ties the target to the tracing thread: leave the ``with`` block in the thread that
+    entered it. SIGINT/SIGTERM raise ``CaptureInterrupted`` meanwhile (main thread only).
     """
 
     def __init__(self, pid: int, *, mode: Mode | str = "consistent",
