@@ -42,22 +42,27 @@ install_venv() {
     log "creating $VENV"
     python3 -m venv "$VENV"
   fi
-  log "pip install -e .[all,test] libvirt-python"
-  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e ".[all,libvirt,test]"
+  log "pip install -e .[all,libvirt,test]"
+  local pip_log=$VENV/pip-install.log
+  if ! "$VENV/bin/pip" install -e ".[all,libvirt,test]" >"$pip_log" 2>&1; then
+    tail -30 "$pip_log" >&2
+    log "pip install failed; full log in $pip_log"
+    exit 1
+  fi
 }
 
 demo() {
   # The main job: snapshot a live process into an ELF core that gdb opens; the process keeps
   # running. The demo target is a small Python program we start here.
   local out=${KDUMPLING_DEMO_DIR:-/var/lib/kdumpling/demo}
+  mkdir -p -m 0700 "$out"
   "$VENV/bin/python" -c 'import time
-while True: time.sleep(1)' &
-  local pid=$!
-  trap 'kill $pid 2>/dev/null || true' EXIT
+while True: time.sleep(1)' </dev/null >/dev/null 2>&1 &
+  DEMO_PID=$!
+  trap 'kill "$DEMO_PID" 2>/dev/null || true' EXIT
   sleep 0.5
-  "$VENV/bin/kdumpling-agent" capture process "$pid" -o "$out"
-  echo "The process $pid is still running: $(ps -o stat= -p $pid)"
+  "$VENV/bin/kdumpling-agent" capture process "$DEMO_PID" -o "$out"
+  echo "Process $DEMO_PID kept running (state $(ps -o stat= -p "$DEMO_PID")); it is stopped now."
 }
 
 case ${1:-demo} in
