@@ -51,6 +51,10 @@ def test_libvirt_stream(libvirt_guest: rig.LibvirtGuest, libvirt_expect: Expect,
     assert snap.pause_seconds is not None and snap.pause_seconds > 0
     assert snap.meta["mode"] == "stream"
     assert all(0 <= d <= t for d, t in progress)
+    if snap.pause_seconds > 1.0:  # jobStats is polled every 0.25 s during the call
+        assert progress, "no progress from jobStats during a dump of over a second"
+        # QEMU's total: the guest's RAM blocks, at least its -m size
+        assert len({t for _, t in progress}) == 1 and progress[0][1] >= libvirt_guest.mem_mb << 20
     assert _running(libvirt_guest)
     assert _our_leftovers() == before  # FIFO and its directory are gone
     assert_readers_agree(out, libvirt_expect, fmt, codec, out_dir)
