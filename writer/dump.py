@@ -108,8 +108,11 @@ def write_dump(
     else:
         path = None
         sink = _stream_sink(output, fmt)
-        result = _run(image, sink, fmt, ctype, compression_level, dump_level, threads, step)
-        sink.finish()
+        try:
+            result = _run(image, sink, fmt, ctype, compression_level, dump_level, threads, step)
+            sink.finish()
+        finally:
+            sink.close()
     result.path = path
     result.elapsed = time.monotonic() - started
     return result
@@ -164,11 +167,12 @@ def _write_path(image: CoreImage, path: str, fmt: OutputFormat, ctype: Compressi
         fd = os.open(tmp, flags, mode)
     except OSError as err:
         raise DumpWriteError.from_oserror(err, tmp) from err
+    sink: Sink | None = None
     try:
         if fmt is OutputFormat.KDUMP_FLATTENED:
             stream = os.fdopen(os.dup(fd), "wb", buffering=1 << 20)
             try:
-                sink: Sink = FlattenedSink(stream, tmp)
+                sink = FlattenedSink(stream, tmp)
                 result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
                 sink.finish()
             finally:
@@ -187,6 +191,8 @@ def _write_path(image: CoreImage, path: str, fmt: OutputFormat, ctype: Compressi
             _fsync_dir(os.path.dirname(os.path.abspath(path)))
     except BaseException as exc:
         if fd >= 0:
+            if sink is not None:
+                sink.close()  # no write-behind thread may touch fd after it is closed
             os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)

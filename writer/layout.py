@@ -98,3 +98,32 @@ def iter_page_chunks(
                 data = buf
             yield PageChunk(pfn, count, data)
             pfn += count
+
+
+# Byte offsets sampled in every page before a page is compared in full: a page with data almost
+# always has a non-zero byte at one of them, so only the few candidates pay for a full memcmp.
+_SAMPLE_OFFSETS = (0, 8, 64, 256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4000, 4088)
+
+
+def zero_page_flags(data: bytes | bytearray, page: int) -> list[bool]:
+    """Which whole pages of ``data`` are all zeros, without a Python call per page.
+
+    Strided slices pick one byte per page at a few offsets; OR-ing them as big integers leaves a
+    zero byte only for pages that are zero at every sampled offset, and those are then checked
+    with an in-place ``startswith`` (a memcmp; comparing memoryview slices is ~30x slower).
+    """
+    count = len(data) // page
+    if count == 0:
+        return []
+    acc = 0
+    for off in _SAMPLE_OFFSETS:
+        if off < page:
+            acc |= int.from_bytes(data[off : count * page : page], "little")
+    sampled = acc.to_bytes(count, "little")
+    flags = [False] * count
+    zero_page = bytes(page)
+    pos = sampled.find(0)
+    while pos >= 0:
+        flags[pos] = data.startswith(zero_page, pos * page)
+        pos = sampled.find(0, pos + 1)
+    return flags

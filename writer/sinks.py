@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import struct
+import threading
 from typing import BinaryIO
 
 from .errors import DumpWriteError, SourceReadError, UsageError
@@ -62,23 +64,74 @@ class Sink:
     def finish(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Release resources without finishing (error paths)."""
+
 
 class FileSink(Sink):
-    """A regular file opened by the caller (``fd`` stays the caller's)."""
+    """A regular file opened by the caller (``fd`` stays the caller's).
+
+    Writes go through one background thread (write-behind), so the kernel's copy into the page
+    cache overlaps reading and compressing the next chunk. Callers must not change a buffer
+    after handing it to ``write_at``; ``finish`` waits for every write and reports errors.
+    """
 
     supports_holes = True
+    _QUEUE_DEPTH = 4
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, *, write_behind: bool = True) -> None:
         super().__init__(name)
         self.fd = fd
         self._can_copy = hasattr(os, "copy_file_range")
+        self._write_behind = write_behind
+        self._queue: queue.Queue[tuple[int, bytes | bytearray | memoryview] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
 
-    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
+
+    def _writer(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._pwrite(*item)
+                except OSError as err:
+                    self._error = err
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            if not self._write_behind or len(data) < 65536:
+                self._pwrite(offset, data)  # headers and small files need no thread
+                return
+            self._queue = queue.Queue(self._QUEUE_DEPTH)
+            self._thread = threading.Thread(target=self._writer, name="kdump-writer",
+                                            daemon=True)
+            self._thread.start()
+        assert self._queue is not None
+        self._queue.put((offset, data))  # once the thread runs, every write queues: FIFO order
+
+    def _drain(self) -> None:
+        if self._thread is not None:
+            assert self._queue is not None
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+            self._queue = None
+
+    def close(self) -> None:
+        """Stop the write-behind thread; safe to call on error paths before closing ``fd``."""
+        self._drain()
 
     def hole(self, offset: int, length: int) -> None:
         if length > 0:
@@ -109,7 +162,10 @@ class FileSink(Sink):
         return True
 
     def finish(self) -> None:
+        self._drain()
         try:
+            if self._error is not None:
+                raise self._error
             if os.fstat(self.fd).st_size < self.size:
                 os.ftruncate(self.fd, self.size)  # trailing hole
         except OSError as err:
