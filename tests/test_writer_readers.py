@@ -189,3 +189,13 @@ def test_readelf_sees_notes_and_loads(dumps: dict[tuple[str, str, str], str], ar
     assert all(int(ln[-1], 16) == 0 for ln in loads[1:])  # p_align 0 (crash's kdump test)
     physaddrs = [int(ln[3], 16) for ln in loads[1:]]
     assert physaddrs == sorted(physaddrs)
+
+
+def test_kdump_without_cpu_notes_opens_without_crash_warnings(tmp_path: str) -> None:
+    out = os.path.join(tmp_path, "nocpu.kdump")
+    KdumpBuilder().set_vmcoreinfo(vmcoreinfo_for("x86_64", 4096)).add_memory_segment(
+        0, b"x" * 4096).write(out, format="kdump")
+    res = subprocess.run([tool("crash"), "--osrelease", out], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout.strip() == "6.1.0-kdl-x86_64"
+    assert "WARNING" not in res.stdout + res.stderr

@@ -169,7 +169,9 @@ def write_kdump(
         return pack_disk_dump_header(
             image, status=status, block_size=page, sub_hdr_size=sub_hdr_size,
             bitmap_blocks=2 * one_bitmap_blocks, max_mapnr=max_pfn,
-            nr_cpus=notes.prstatus_count,
+            # crash warns "invalid nr_cpus value: 0" (diskdump.c read_dump_header) for dumps
+            # without CPU notes, e.g. from raw images; one CPU is the truth for such a dump.
+            nr_cpus=max(1, notes.prstatus_count),
         )
 
     # The header goes out first flagged incomplete; the final rewrite clears the flag, so a file
