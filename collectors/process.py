@@ -612,6 +612,13 @@ class _Thread:
     stopped: bool = False
     gone: bool = False
     signal: int = 0  # signal-delivery-stop: re-inject on detach
+    group_stop: bool = False  # reported a group-stop (job control stopped the process)
+
+
+# Stop signals (default action "stop"): a seized tracee reports a group-stop as
+# PTRACE_EVENT_STOP with one of these, a plain PTRACE_INTERRUPT trap as SIGTRAP.
+_STOP_SIGNALS = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
+SETTLE_TIMEOUT = 1.0
 
 
 class _SignalGuard:
@@ -762,6 +769,8 @@ class _Tracer:
             elif event == _ptrace.PTRACE_EVENT_EXEC:
                 raise TargetGoneError(
                     f"process {self.pid} called exec while being stopped; capture it again")
+            elif event == _ptrace.PTRACE_EVENT_STOP and sig in _STOP_SIGNALS:
+                th.group_stop = True
             elif event == 0:
                 th.signal = sig  # a signal was on its way in: hand it back on detach
             return True
@@ -782,12 +791,15 @@ class _Tracer:
         """Detach every thread; never raises. Returns problems worth a warning."""
         problems: list[str] = []
         pending: list[_Thread] = []
+        restopping: list[int] = []
         for th in self.threads.values():
             if th.gone:
                 continue
             try:
                 _ptrace.detach(th.tid, th.signal if th.stopped else 0)
                 th.gone = True
+                if th.group_stop:
+                    restopping.append(th.tid)
             except OSError:
                 pending.append(th)  # not in a ptrace stop yet, or dead
         # Threads that were seized but not yet stopped must stop before they can be detached;
@@ -809,6 +821,9 @@ class _Tracer:
                     sig = os.WSTOPSIG(status) if status >> 16 == 0 else 0
                     try:
                         _ptrace.detach(th.tid, sig or th.signal)
+                        if th.group_stop or (status >> 16 == _ptrace.PTRACE_EVENT_STOP
+                                             and os.WSTOPSIG(status) in _STOP_SIGNALS):
+                            restopping.append(th.tid)
                         continue
                     except OSError:
                         pass
@@ -822,7 +837,26 @@ class _Tracer:
         for th in pending:
             problems.append(f"thread {th.tid} could not be detached")
         self.released_at = time.monotonic()
+        self._settle(restopping)
         return problems
+
+    def _settle(self, tids: list[int]) -> None:
+        """Wait until threads detached out of a group-stop are stopped again.
+
+        PTRACE_DETACH wakes a tracee even when job control still holds its process stopped
+        (kernel/ptrace.c __ptrace_unlink re-arms JOBCTL_STOP_PENDING, then kicks the task):
+        it runs in the kernel (state R) until do_signal_stop() puts it back in T, and never
+        returns to user space. Returning only then means nobody (a supervisor, the caller)
+        sees a job-stopped process "running" after we are done. Only R is the transition: a
+        thread in S/D was resumed by a SIGCONT meanwhile; the deadline covers a spinning one.
+        """
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        delay = 0.0
+        while tids and time.monotonic() < deadline:
+            tids = [t for t in tids if self.procfs.thread_state(self.pid, t) == "R"]
+            if tids:
+                time.sleep(delay)
+                delay = min(0.005, delay * 2 or 0.00005)
 
     def _is_our_child(self) -> bool:
         try:

@@ -127,8 +127,9 @@ def start_target(exe: Path | str, *args: str, workers: int = 3) -> Target:
     return target
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
+def proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    with open(path) as f:
         return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in f)}
 
 

@@ -374,8 +374,11 @@ def test_stopped_target_stays_stopped(target: pt.Target, tmp_path: Path) -> None
         core = tmp_path / "core"
         snap, _ = capture_process(target.pid, core)
         assert sorted(snap.meta["threads"]) == sorted(tids)  # type: ignore[arg-type]
-        status = pt.proc_status(target.pid)
-        assert status["State"][0] == "T" and status["TracerPid"] == "0"
+        # Every thread, at once: detach wakes a group-stopped tracee, and the capture must
+        # not return before each one is back in its job-control stop.
+        states = {tid: pt.proc_status(target.pid, tid) for tid in tids}
+        assert {t: (s["State"][0], s["TracerPid"]) for t, s in states.items()} == {
+            t: ("T", "0") for t in tids}
         assert pt.run_gdb(target.exe, core).problems(target.pid, tids, target.worker_ids) == []
     finally:
         os.kill(target.pid, signal.SIGCONT)
