@@ -22,6 +22,9 @@ class UnreadableRange:
     start: int
     end: int
     reason: str
+    # A hole every dump of this kind has (the kernel's own cores leave it out too, e.g. [vvar],
+    # [vsyscall]): listed, but no reason to call the capture incomplete.
+    expected: bool = False
 
 
 @dataclass

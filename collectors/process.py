@@ -80,6 +80,9 @@ DEFAULT_STOP_TIMEOUT = 5.0
 # (address-space reservations) stay undumped, like the kernel's "no anon_vma" case.
 RECHECK_LIMIT = 64 << 20
 MAX_FILE_NOTE_SIZE = 4 << 20  # fs/binfmt_elf.c MAX_FILE_NOTE_SIZE (older kernels' fixed cap)
+# Special mappings the kernel's own coredump cannot read either (VM_IO|VM_PFNMAP, or above
+# 2^63): their holes are flagged ``expected`` so callers need not match reason text.
+EXPECTED_HOLES = frozenset((b"[vvar]", b"[vvar_vclock]", b"[vsyscall]"))
 
 # --- coredump_filter bits (include/linux/sched/coredump.h MMF_DUMP_*) --------------------------
 ANON_PRIVATE = 1 << 0
@@ -170,6 +173,7 @@ class MappingPlan:
     reason: str
     readable: int = -1  # -1: same as dump
     unreadable_reason: str = ""
+    unreadable_expected: bool = False  # the kernel's own core has the same hole
     sparse: bool = False  # private anonymous: pagemap says which pages exist
     priority: int = 2  # size cap: 0 thread stacks, 1 what gdb needs to load symbols, 2 the rest
     skip_head: int = 0
@@ -220,7 +224,8 @@ def plan_mapping(entry: MapEntry, smaps: SmapsEntry | None, mask: int, page: int
             why = ("special mapping above 2^63" if entry.start >= 1 << 63
                    else "special VM_IO mapping" if "io" in flags else "special unreadable mapping")
             return MappingPlan(entry, 0, "special mapping", readable=0,
-                               unreadable_reason=f"{entry.path.decode(errors='replace')}: {why}")
+                               unreadable_reason=f"{entry.path.decode(errors='replace')}: {why}",
+                               unreadable_expected=entry.path in EXPECTED_HOLES)
         return MappingPlan(entry, whole, "special mapping", priority=1)
     if "dd" in flags:
         return MappingPlan(entry, 0, "VM_DONTDUMP (MADV_DONTDUMP)")
@@ -471,13 +476,14 @@ class MemoryReader:
             return None
         return 1 in self._flags(entries, _IS_ANON)
 
-    def record(self, start: int, end: int, reason: str) -> None:
+    def record(self, start: int, end: int, reason: str, expected: bool = False) -> None:
         with self._lock:
             last = self.unreadable[-1] if self.unreadable else None
-            if last is not None and last.end == start and last.reason == reason:
+            if (last is not None and last.end == start and last.reason == reason
+                    and last.expected == expected):
                 last.end = end
             else:
-                self.unreadable.append(UnreadableRange(start, end, reason))
+                self.unreadable.append(UnreadableRange(start, end, reason, expected))
 
     def gone(self) -> TargetGoneError:
         """The address space went away under a read: exited (or killed), or exec'd. A thread
@@ -1158,7 +1164,7 @@ class ProcessCollector:
                 lo = plan.entry.start + plan.readable
                 hi = plan.entry.start + (plan.dump or plan.entry.size)
                 if hi > lo:
-                    reader.record(lo, hi, plan.unreadable_reason)
+                    reader.record(lo, hi, plan.unreadable_reason, plan.unreadable_expected)
         predicted = list(unreadable)
         self._predicted = len(predicted)
         self._prefetcher = Prefetcher(reader)

@@ -188,6 +188,10 @@ def test_core_structure_and_memory_policy(target: pt.Target, tmp_path: Path,
                "of the mapped file" in listed
         assert any("[vvar]" in v for v in listed) and any("[vsyscall]" in v for v in listed)
         assert int(ann["unreadable_count"]) == len(listed) == len(snap.unreadable)
+        # only the special mappings the kernel cannot read either are flagged expected
+        flagged = {r.reason.split(":")[0] for r in snap.unreadable if r.expected}
+        assert {"[vvar]", "[vsyscall]"} <= flagged <= {"[vvar]", "[vvar_vclock]", "[vsyscall]"}
+        assert not [r for r in snap.unreadable if r.expected != r.reason.startswith("[v")]
         assert ann["pid"] == str(target.pid) and ann["coredump_filter"] == "0x33"
         assert "truncated" not in ann and not snap.truncated
     finally:

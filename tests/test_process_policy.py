@@ -159,6 +159,8 @@ def test_default_filter_matches_the_kernel() -> None:
     vvar, vsys = plans[0x7F0008A00000], plans[0xFFFFFFFFFF600000]
     assert vvar.dump == 0 and "VM_IO" in vvar.unreadable_reason
     assert vsys.dump == 0 and "2^63" in vsys.unreadable_reason
+    assert vvar.unreadable_expected and vsys.unreadable_expected  # the kernel's cores lack them
+    assert not plans[0x7F0008B00000].unreadable_expected  # secretmem: unreadable, unexpected
     assert not plans[0x7F0000000000].unreadable_reason  # skipped on purpose, not unreadable
 
 
