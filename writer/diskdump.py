@@ -17,12 +17,13 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 
 from .codecs import DUMP_DH_COMPRESSED_INCOMPLETE, CompressionType, PageCodec
 from .errors import LayoutError
 from .image import CoreImage, DumpKind
-from .layout import checked_segments, iter_page_chunks, pfn_runs, zero_page_flags
+from .layout import checked_segments, iter_page_chunks, pfn_runs, prefetch, zero_page_flags
 from .notes import pack_notes
 
 KDUMP_SIGNATURE = b"KDUMP   "
@@ -41,6 +42,9 @@ PAGE_DESC = {e: struct.Struct(e + "qIIQ") for e in "<>"}
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 4096, 262144
 DUMP_LEVEL_EXCLUDE_ZERO = 1
 DESC_FLUSH = 8192  # descriptors buffered before they are written out
+# LZO and snappy compress a page in a few microseconds: a thread pool costs more than it gains
+# (codec-speed.md: no gain from a second thread), so they run on the calling thread.
+INLINE_CODECS = frozenset({CompressionType.LZO, CompressionType.SNAPPY})
 
 ProgressFn = Callable[[int], None]
 
@@ -242,23 +246,27 @@ def write_kdump(
 
     chunk_pages = max(16, (1 << 20) // page)
     nthreads = threads or os.cpu_count() or 1
-    chunks = iter_page_chunks(segments, page, chunk_pages)
-    if nthreads <= 1 or compression == CompressionType.NONE:
-        for chunk in chunks:
-            emit(*work(chunk.data, chunk.count))
-    else:
-        with ThreadPoolExecutor(nthreads, thread_name_prefix="kdump-codec") as pool:
-            pending: deque[Future[tuple[bytes, list[int]]]] = deque()
-            try:
-                for chunk in chunks:
-                    pending.append(pool.submit(work, chunk.data, chunk.count))
-                    if len(pending) > 2 * nthreads:
+    if compression in INLINE_CODECS and threads is None:
+        nthreads = 1  # cheaper per page than handing pages to another thread
+    # closing(): an error in the consumer stops the prefetch thread before the caller releases
+    # the target (a process is detached right after we return or raise).
+    with closing(prefetch(iter_page_chunks(segments, page, chunk_pages))) as chunks:
+        if nthreads <= 1 or compression == CompressionType.NONE:
+            for chunk in chunks:
+                emit(*work(chunk.data, chunk.count))
+        else:
+            with ThreadPoolExecutor(nthreads, thread_name_prefix="kdump-codec") as pool:
+                pending: deque[Future[tuple[bytes, list[int]]]] = deque()
+                try:
+                    for chunk in chunks:
+                        pending.append(pool.submit(work, chunk.data, chunk.count))
+                        if len(pending) > 2 * nthreads:
+                            emit(*pending.popleft().result())
+                    while pending:
                         emit(*pending.popleft().result())
-                while pending:
-                    emit(*pending.popleft().result())
-            finally:
-                for fut in pending:
-                    fut.cancel()
+                finally:
+                    for fut in pending:
+                        fut.cancel()
     if descs:
         sink.write_at(desc_written, descs)
     stats.data_bytes = cur - data_off

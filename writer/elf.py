@@ -12,11 +12,12 @@ p_paddr 0, p_filesz 0 for ranges not dumped; pages of zeros are left as holes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
 from .image import CoreImage, DumpKind
-from .layout import checked_segments, zero_page_flags
+from .layout import checked_segments, prefetch, zero_page_flags
 from .notes import pack_notes
 from .segments import MemorySegment, ZeroSource
 from .sinks import Sink
@@ -154,17 +155,19 @@ def _write_segment(
             if progress:
                 progress(seg.size)
             return
-    done = 0
-    while done < seg.size:
-        n = min(CHUNK, seg.size - done)
-        data = src.read(done, n)
-        if zero is not None:
-            _write_sparse(sink, offset + done, data, zero, page)
-        else:
-            sink.write_at(offset + done, data)
-        done += n
-        if progress:
-            progress(n)
+    def reads() -> Generator[tuple[int, bytes], None, None]:
+        for done in range(0, seg.size, CHUNK):
+            yield done, src.read(done, min(CHUNK, seg.size - done))
+
+    chunks = prefetch(reads()) if seg.size > CHUNK else reads()
+    with closing(chunks):
+        for done, data in chunks:
+            if zero is not None:
+                _write_sparse(sink, offset + done, data, zero, page)
+            else:
+                sink.write_at(offset + done, data)
+            if progress:
+                progress(len(data))
 
 
 def _write_sparse(sink: Sink, offset: int, data: bytes, zero: bytes, page: int) -> None:

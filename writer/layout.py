@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .errors import LayoutError
 from .image import CoreImage, DumpKind
 from .segments import MemorySegment
+
+T = TypeVar("T")
 
 
 def address_of(image: CoreImage, seg: MemorySegment) -> int:
@@ -127,3 +133,49 @@ def zero_page_flags(data: bytes | bytearray, page: int) -> list[bool]:
         flags[pos] = data.startswith(zero_page, pos * page)
         pos = sampled.find(0, pos + 1)
     return flags
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
+    """Run ``items`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Reading memory (pread, /proc/PID/mem, a pipe) releases the GIL, so it overlaps compressing
+    and writing the previous chunk. Errors reach the consumer at the item where they happened.
+    Closing the generator early stops the thread after its current item.
+    """
+    q: queue.Queue[object] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            q.put(_Failure(exc))
+
+    thread = threading.Thread(target=run, name="kdump-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with suppress(queue.Empty):
+                q.get(timeout=0.05)
+        thread.join()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
