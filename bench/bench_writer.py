@@ -861,8 +861,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(see bench/README.md); without it the guest section is skipped")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': stdout)")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"default {DEFAULT_WORKDIR}")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="codec threads for our writes (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="codec threads for our writes (default: the library's, i.e. all cores "
+                   "where threads pay off)")
     p.add_argument("--repeat", type=int, default=None,
                    help="runs per measurement, best kept (default 2; 1 with --quick)")
     p.add_argument("--seed", type=int, default=2, help="seed of the synthetic and dense inputs")
@@ -874,9 +875,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-runs", type=int, default=None,
                    help="extra runs allowed while the fastest run had other load on the machine "
                    "(default 5; 1 with --quick)")
-    p.add_argument("--quiet-timeout", type=float, default=60.0,
+    p.add_argument("--quiet-timeout", type=float, default=None,
                    help="seconds to wait before each run for other processes to go quiet "
-                   "(this machine's cores are shared; column bg = their load in cores)")
+                   "(default 60; 5 with --quick; column bg = their load in cores)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -888,6 +889,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.repeat = 1 if a.quick else 2
     if a.max_runs is None:
         a.max_runs = 1 if a.quick else 5
+    if a.quiet_timeout is None:
+        a.quiet_timeout = 5.0 if a.quick else 60.0
     a.repeat_fast = a.repeat if a.quick else max(a.repeat, 3)  # cp and ELF: short, noisy
     a.workdir = os.path.abspath(a.workdir)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -895,6 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--workdir must be outside the repository")
     os.makedirs(a.workdir, exist_ok=True)
     bench = Bench(a)
+    ver0 = writer_version()
     t0 = time.time()
     if not a.skip_synthetic:
         bench.synthetic()
@@ -906,7 +910,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     changed = f", uncommitted: {' '.join(ver['writer_changes'])}" \
         if ver.get("writer_changes") else ""
     print(f"\nkdumpling {ver.get('version', '?')} at {ver.get('commit', '?')}{changed}")
-    print(f"({time.time() - t0:.0f} s; work dir {a.workdir}; {a.threads} threads; fastest of "
+    if ver != ver0:
+        print(f"WARNING: the writer changed during the run (at start: {ver0.get('commit')}, "
+              f"uncommitted {ver0.get('writer_changes')}); rows may mix versions")
+    print(f"({time.time() - t0:.0f} s; work dir {a.workdir}; threads="
+          f"{a.threads or f'library default ({os.cpu_count()} cores)'}; fastest of "
           f"{a.repeat} runs ({a.repeat_fast} for cp/ELF d0), up to {a.max_runs} while bg > "
           f"{QUIET_CORES} cores)")
     if a.json:
