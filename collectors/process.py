@@ -8,9 +8,11 @@ Sequence (facts measured in the project's process-cores notes):
    PTRACE_INTERRUPT, waitpid(__WALL) with a deadline, rescanning /proc/PID/task until stable.
 3. While stopped: PTRACE_GETREGSET for every regset of the architecture, re-read /proc/PID/maps,
    decide per mapping what the kernel would dump (fs/coredump.c vma_dump_size), build the notes.
-4. ``consistent`` mode returns with the process still stopped; the writer reads memory lazily
-   from /proc/PID/mem and ``__exit__`` detaches. ``low-pause`` mode copies the thread stacks now,
-   detaches, and lets the writer read the rest while the process runs.
+4. ``consistent`` mode copies a small process (EAGER_LIMIT) now and detaches; a bigger one
+   returns still stopped, the writer reads memory lazily from /proc/PID/mem, and the process is
+   detached as soon as the writer closes the memory sources (before its fsync and rename; or in
+   ``__exit__``). ``low-pause`` mode copies the live part of the thread stacks now, detaches,
+   and lets the writer read the rest while the process runs.
 
 Whatever happens (read errors, the target exiting or exec'ing, SIGINT/SIGTERM), every thread is
 detached before the error leaves this module; if this process dies, the kernel detaches them.
@@ -79,6 +81,10 @@ DEFAULT_STOP_TIMEOUT = 5.0
 # (a page may have been touched after smaps was read) up to this size; larger untouched ones
 # (address-space reservations) stay undumped, like the kernel's "no anon_vma" case.
 RECHECK_LIMIT = 64 << 20
+# Consistent mode copies a process whose dump is at most this big while it is stopped and
+# resumes it before the writer runs (the file's creation, writes and fsync are then outside the
+# pause); bigger ones stay stopped until the writer has read the last byte.
+EAGER_LIMIT = 32 << 20
 MAX_FILE_NOTE_SIZE = 4 << 20  # fs/binfmt_elf.c MAX_FILE_NOTE_SIZE (older kernels' fixed cap)
 # Special mappings the kernel's own coredump cannot read either (VM_IO|VM_PFNMAP, or above
 # 2^63): their holes are flagged ``expected`` so callers need not match reason text.
@@ -988,6 +994,9 @@ class ProcessCollector:
     reads inside it); "low-pause" stops only to read registers and thread stacks.
     ``filter_mask``: coredump_filter bits (None: the target's own /proc/PID/coredump_filter).
     ``size_cap``: at most this many bytes of memory data; past it the core is marked truncated.
+    ``copy_limit``: in "consistent" mode, a dump of at most this many bytes is copied while
+    stopped and the target resumes before ``__enter__`` returns; a bigger one resumes when the
+    writer closes the memory sources (its last read), before its fsync.
     ``pause_seconds`` (also on the snapshot) is the time from the first stop to the last detach.
     ptrace ties the target to the tracing thread: leave the ``with`` block in the thread that
     entered it. SIGINT/SIGTERM raise ``CaptureInterrupted`` meanwhile (main thread only).
@@ -996,7 +1005,8 @@ class ProcessCollector:
     def __init__(self, pid: int, *, mode: Mode | str = "consistent",
                  filter_mask: int | None = None, size_cap: int | None = None,
                  procfs: str | os.PathLike[str] = "/proc",
-                 stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+                 stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+                 copy_limit: int = EAGER_LIMIT) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown capture mode {mode!r}; use one of: {', '.join(MODES)}")
         if filter_mask is not None and not 0 <= filter_mask <= FILTER_BITS:
@@ -1013,12 +1023,15 @@ class ProcessCollector:
         self.size_cap = size_cap
         self.procfs = ProcFS(procfs)
         self.stop_timeout = stop_timeout
+        self.copy_limit = copy_limit
         self.pause_seconds: float | None = None
         self.snapshot: Snapshot | None = None
         self._tracer: _Tracer | None = None
         self._guard = _SignalGuard()
         self._fds: list[int] = []
         self._prefetcher: Prefetcher | None = None
+        self._owner = 0  # ident of the thread that stopped the target (ptrace's tracer)
+        self._problems: list[str] = []
         self._predicted = 0  # unreadable ranges known before writing (listed in the notes)
         self._arch = get_arch(os.uname().machine)
         self._regsets = REGSETS.get(self._arch.name, ArchRegsets("SP", (NT_PRFPREG,)))
@@ -1026,6 +1039,7 @@ class ProcessCollector:
 
     # context manager ---------------------------------------------------------------------------
     def __enter__(self) -> Snapshot:
+        self._owner = threading.get_ident()
         self._guard.install()
         try:
             self.snapshot = self._capture()
@@ -1062,20 +1076,31 @@ class ProcessCollector:
             raise self._guard.error()
 
     def _release(self) -> list[str]:
-        problems: list[str] = []
         if self._prefetcher is not None:
             self._prefetcher.close()  # no read may run once the target is released
-        if self._tracer is not None:
-            tracer = self._tracer
-            if tracer.released_at is None:
-                problems = tracer.release_all()
-            if tracer.first_stop is not None and tracer.released_at is not None:
-                self.pause_seconds = tracer.released_at - tracer.first_stop
+        self._resume()
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
-        return problems
+        return self._problems
+
+    def _resume(self) -> None:
+        """Detach every thread (once) and note the pause; signals wait until it is done."""
+        tracer = self._tracer
+        if tracer is None or tracer.released_at is not None:
+            return
+        with self._guard.deferred():
+            self._problems.extend(tracer.release_all())
+            if tracer.first_stop is not None and tracer.released_at is not None:
+                self.pause_seconds = tracer.released_at - tracer.first_stop
+
+    def _reads_done(self) -> None:
+        """The writer closed the memory sources: it will not read again, so what it does next
+        (flush, fsync, rename) and what the caller does need not keep the target stopped.
+        Only the tracing thread may detach; from any other, ``__exit__`` does it."""
+        if threading.get_ident() == self._owner:
+            self._resume()
 
     # capture -------------------------------------------------------------------------------
     def _check_target(self) -> None:
@@ -1150,14 +1175,17 @@ class ProcessCollector:
         omitted = apply_size_cap(plans, self.size_cap, page) if self.size_cap is not None else 0
 
         stack_copies: dict[int, SparseCopy] = {}
+        eager = not low_pause and _eager_bytes(plans, pre.smaps) <= self.copy_limit
         if low_pause:
             for plan in plans:
                 if plan.priority == 0 and plan.dump:
                     stack_copies[plan.entry.start] = self._copy_now(reader, plan)
-            with self._guard.deferred():
-                tracer.release_all()
-            self.pause_seconds = (tracer.released_at or time.monotonic()) - (
-                tracer.first_stop or stopped_at)
+        elif eager:
+            for plan in plans:
+                if plan.dump > plan.skip_head:
+                    stack_copies[plan.entry.start] = _copy_all(reader, plan)
+        if low_pause or eager:
+            self._resume()
 
         for plan in plans:  # predicted holes are known now: list them in the annotations
             if plan.unreadable_reason:
@@ -1167,7 +1195,7 @@ class ProcessCollector:
                     reader.record(lo, hi, plan.unreadable_reason, plan.unreadable_expected)
         predicted = list(unreadable)
         self._predicted = len(predicted)
-        self._prefetcher = Prefetcher(reader)
+        self._prefetcher = Prefetcher(reader, self._reads_done)
         segments = self._segments(plans, self._prefetcher, stack_copies)
 
         comm = pre.stat.comm.decode("utf-8", "replace")
@@ -1198,6 +1226,7 @@ class ProcessCollector:
             "stop_seconds": stopped_at - (tracer.first_stop or stopped_at),
             "segments": len(segments), "dump_bytes": image.memory_size,
             "omitted_bytes": omitted, "pause_seconds": self.pause_seconds,
+            "copied_while_stopped": sum(c.stored for c in stack_copies.values()) if eager else 0,
         })
         return snap
 
@@ -1260,8 +1289,8 @@ class ProcessCollector:
         if self.mode == "low-pause":
             ann["consistency"] = ("heap may be inconsistent: registers and thread stacks were "
                                   "read while stopped, the rest while the process ran")
-            if self.pause_seconds is not None:
-                ann["pause_seconds"] = f"{self.pause_seconds:.6f}"
+        if self.pause_seconds is not None:  # known here when the target resumed already
+            ann["pause_seconds"] = f"{self.pause_seconds:.6f}"
         ann["unreadable_count"] = str(len(predicted))
         for i, r in enumerate(predicted):
             ann[f"unreadable.{i}"] = f"{_hex_range(r.start, r.end)} {r.reason}"
@@ -1271,6 +1300,32 @@ class ProcessCollector:
             ann["truncated"] = "yes"
             ann["omitted_bytes"] = str(omitted)
         return ann
+
+
+def _eager_bytes(plans: Sequence[MappingPlan], smaps: Sequence[SmapsEntry]) -> int:
+    """Bytes a full copy of the plans would hold: resident + swapped pages (smaps, read
+    before the stop) for private anonymous mappings, the readable size for the others."""
+    held = {s.map.key: s.counter("Rss") + s.counter("Swap") for s in smaps}
+    total = 0
+    for plan in plans:
+        size = max(0, plan.readable - plan.skip_head)
+        if plan.sparse and plan.entry.key in held:
+            size = min(size, held[plan.entry.key])
+        total += size
+    return total
+
+
+def _copy_all(reader: MemoryReader, plan: MappingPlan) -> SparseCopy:
+    """Copy the dumped part of one mapping now, chunk by chunk, only the pages that exist."""
+    base = plan.entry.start + plan.skip_head
+    end = plan.entry.start + plan.readable
+    pieces: list[tuple[int, bytes]] = []
+    for pos in range(base, end, CHUNK):
+        n = min(CHUNK, end - pos)
+        runs = reader.present_runs(pos, n) if plan.sparse else None
+        for a, b in runs if runs is not None else [(pos, pos + n)]:
+            pieces.append((a - base, reader.read_raw(a, b - a)))
+    return SparseCopy(plan.dump - plan.skip_head, pieces)
 
 
 @dataclass(frozen=True)
@@ -1290,8 +1345,9 @@ class Prefetcher:
     simply read in place. ``close()`` waits for the helper, so nothing reads after it returns.
     """
 
-    def __init__(self, reader: MemoryReader) -> None:
+    def __init__(self, reader: MemoryReader, on_close: Callable[[], None] | None = None) -> None:
         self.reader = reader
+        self._on_close = on_close  # called once, after the last read
         self.ranges: list[_LazyRange] = []
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[int, int, int, Future[bytes]] | None = None
@@ -1344,23 +1400,27 @@ class Prefetcher:
             self._closed = True
             pool, self._pool = self._pool, None
             ahead, self._ahead = self._ahead, None
+            on_close, self._on_close = self._on_close, None
         if ahead is not None:
             ahead[3].cancel()
         if pool is not None:
             pool.shutdown(wait=True)
+        if on_close is not None:
+            on_close()
 
 
 def capture_process(
     pid: int, output: str | os.PathLike[str] | BinaryIO, *, mode: Mode | str = "consistent",
     filter_mask: int | None = None, size_cap: int | None = None,
     procfs: str | os.PathLike[str] = "/proc", stop_timeout: float = DEFAULT_STOP_TIMEOUT,
-    **writer_options: object,
+    copy_limit: int = EAGER_LIMIT, **writer_options: object,
 ) -> tuple[Snapshot, WriteResult]:
     """Capture ``pid`` and write its core to ``output`` (path or binary stream); the writer
     options (format, progress, ...) go to ``kdumpling.write_dump``."""
     from kdumpling.dump import write_dump
 
     with ProcessCollector(pid, mode=mode, filter_mask=filter_mask, size_cap=size_cap,
-                          procfs=procfs, stop_timeout=stop_timeout) as snap:
+                          procfs=procfs, stop_timeout=stop_timeout,
+                          copy_limit=copy_limit) as snap:
         result = write_dump(snap.image, output, **writer_options)  # type: ignore[arg-type]
     return snap, result

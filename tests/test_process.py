@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from kdumpling import write_dump
-from kdumpling.collectors.process import ProcessCollector, capture_process
+from kdumpling.collectors.process import EAGER_LIMIT, ProcessCollector, capture_process
 from kdumpling.errors import PermissionDeniedError, TargetGoneError, UsageError
 from kdumpling.notes import NT_AUXV, NT_PRSTATUS, Note, parse_annotations
 
@@ -97,16 +97,21 @@ class Core:
 
 
 # --- the main checks ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["consistent", "low-pause"])
+# consistent: copied while stopped (small), or read by the writer while stopped (copy_limit 0)
+@pytest.mark.parametrize(("mode", "copy_limit"), [
+    ("consistent", EAGER_LIMIT), ("consistent", 0), ("low-pause", EAGER_LIMIT)])
 @pytest.mark.parametrize("kind", ["pie", "nopie"])
 def test_gdb_and_eu_stack_see_every_thread_and_value(
-    binaries: dict[str, Path], mapped_file: Path, tmp_path: Path, kind: str, mode: str
+    binaries: dict[str, Path], mapped_file: Path, tmp_path: Path, kind: str, mode: str,
+    copy_limit: int,
 ) -> None:
     t = pt.start_target(binaries[kind], "--file", str(mapped_file), "--big-mib", "4")
     try:
         tids = t.tids()
         core = tmp_path / "core"
-        snap, result = capture_process(t.pid, core, mode=mode)
+        snap, result = capture_process(t.pid, core, mode=mode, copy_limit=copy_limit)
+        copied = snap.meta["copied_while_stopped"]
+        assert copied > 4 << 20 if mode == "consistent" and copy_limit else copied == 0
         assert result.path == str(core)
         assert sorted(snap.meta["threads"]) == sorted(tids)  # type: ignore[arg-type]
         assert snap.pause_seconds is not None and snap.pause_seconds > 0
@@ -118,9 +123,12 @@ def test_gdb_and_eu_stack_see_every_thread_and_value(
         ann = snap.annotations
         if mode == "low-pause":
             assert "inconsistent" in ann["consistency"]
-            assert float(ann["pause_seconds"]) == pytest.approx(snap.pause_seconds, abs=1e-5)
         else:
             assert "consistency" not in ann
+        if mode == "low-pause" or copy_limit:  # the target resumed before the notes were made
+            assert float(ann["pause_seconds"]) == pytest.approx(snap.pause_seconds, abs=1e-5)
+        else:
+            assert "pause_seconds" not in ann
     finally:
         t.stop()
 
@@ -397,9 +405,44 @@ def test_target_killed_during_consistent_capture(target: pt.Target, tmp_path: Pa
         os.kill(target.pid, signal.SIGKILL)
 
     with pytest.raises(TargetGoneError, match="exited"):
-        capture_process(target.pid, core, progress=progress)
+        capture_process(target.pid, core, progress=progress, copy_limit=0)
     _no_output(core)
     assert target.proc.wait(timeout=10) == -signal.SIGKILL  # reapable: not held by a tracer
+
+
+def test_small_target_resumes_before_the_writer_runs(target: pt.Target, tmp_path: Path) -> None:
+    # Consistent mode copies a small process while stopped: it runs again (and may even die)
+    # while the core is written, and the core still holds the stopped state.
+    tids = target.tids()
+    core = tmp_path / "core"
+    with ProcessCollector(target.pid) as snap:
+        pt.assert_released(target.pid)
+        assert target.ping().startswith("pong")
+        target.stop()
+        write_dump(snap.image, core)
+    assert snap.meta["copied_while_stopped"] > 8 << 20
+    assert pt.run_gdb(target.exe, core).problems(target.pid, tids, target.worker_ids) == []
+
+
+def test_big_target_resumes_before_the_writers_fsync(target: pt.Target, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read by the writer while stopped, then released as soon as the writer closes the memory
+    # sources: the fsync and the rename happen while the target runs.
+    tracer_at: dict[str, set[str]] = {"write": set(), "fsync": set()}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        tracer_at["fsync"].add(pt.proc_status(target.pid)["TracerPid"])
+        real_fsync(fd)
+
+    def progress(done: int, total: int) -> None:
+        tracer_at["write"].add(pt.proc_status(target.pid)["TracerPid"])
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    snap, _ = capture_process(target.pid, tmp_path / "core", progress=progress, copy_limit=0)
+    assert tracer_at == {"write": {str(os.getpid())}, "fsync": {"0"}}
+    assert snap.pause_seconds is not None and snap.meta["copied_while_stopped"] == 0
+    pt.assert_released(target.pid)
 
 
 def test_target_exits_during_low_pause_capture(target: pt.Target, tmp_path: Path) -> None:
