@@ -72,6 +72,9 @@ case ${1:-demo} in
     shift
     # Every tier must run: a missing tool fails instead of skipping.
     export KDUMPLING_REQUIRE_ALL=${KDUMPLING_REQUIRE_ALL:-1}
+    # Also the crash-with-vmlinux guest test: fetches the kernel's -dbg package once (858 MB,
+    # cached in $KDUMPLING_TEST_CACHE). KDUMPLING_TEST_DEBUGINFO=0 leaves it out.
+    export KDUMPLING_TEST_DEBUGINFO=${KDUMPLING_TEST_DEBUGINFO:-1}
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" tests
     ;;
   demo) install_apt; install_venv; demo ;;
