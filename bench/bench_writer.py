@@ -217,17 +217,6 @@ def child_main(spec: dict[str, Any]) -> None:
     kind = spec["kind"]
     if kind == "ours":
         result = _child_ours(spec)
-    elif kind == "ours-profile":
-        import cProfile
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.enable()
-        result = _child_ours(spec)
-        prof.disable()
-        prof.dump_stats(spec["profile_out"])
-        stats = pstats.Stats(spec["profile_out"], stream=sys.stderr)
-        stats.sort_stats("cumulative").print_stats(25)
     else:
         raise SystemExit(f"unknown child kind {kind}")
     print(json.dumps(result))
@@ -847,6 +836,9 @@ def writer_version() -> dict[str, Any]:
             dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "writer"],
                                    capture_output=True, text=True).stdout.split("\n")
             info["commit"] = head.stdout.strip()
+            tree = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD:writer"],
+                                  capture_output=True, text=True)
+            info["writer_tree"] = tree.stdout.strip()
             info["writer_changes"] = [line[3:] for line in dirty if line.strip()]
     return info
 
@@ -910,7 +902,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     changed = f", uncommitted: {' '.join(ver['writer_changes'])}" \
         if ver.get("writer_changes") else ""
     print(f"\nkdumpling {ver.get('version', '?')} at {ver.get('commit', '?')}{changed}")
-    if ver != ver0:
+    same = ("writer_tree", "writer_changes")
+    if any(ver.get(k) != ver0.get(k) for k in same):
         print(f"WARNING: the writer changed during the run (at start: {ver0.get('commit')}, "
               f"uncommitted {ver0.get('writer_changes')}); rows may mix versions")
     print(f"({time.time() - t0:.0f} s; work dir {a.workdir}; threads="
