@@ -41,6 +41,18 @@ EHDR_SIZE, PHDR_SIZE, SHDR_SIZE = 64, 56, 64
 
 CHUNK = 1 << 20
 MIN_HOLE_PAGES = 8  # zero runs shorter than this inside a chunk are written, not skipped
+# copy_file_range runs ~1.4x faster (ext4, measured by bench_writer.py) when source and target
+# offsets agree modulo 64 KiB, so big file-backed segments start at such an offset; the gap is a
+# hole. Readers follow p_offset, and p_align stays 0.
+COPY_ALIGN = 64 << 10
+COPY_ALIGN_MIN = 1 << 20
+
+
+def _copy_gap(seg: MemorySegment, pos: int) -> int:
+    frange = seg.source.file_range() if not isinstance(seg.source, ZeroSource) else None
+    if frange is None:
+        return 0
+    return (frange[1] - pos) % COPY_ALIGN
 ProgressFn = Callable[[int], None]
 
 
@@ -99,6 +111,8 @@ def write_elf(
     for seg in segments:
         if process and seg.size:
             pos += -pos % page
+        elif seg.size >= COPY_ALIGN_MIN:
+            pos += _copy_gap(seg, pos)
         loads.append(_Load(seg, pos))
         pos += seg.size
     file_size = pos
