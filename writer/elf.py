@@ -111,7 +111,7 @@ def write_elf(
     for seg in segments:
         if process and seg.size:
             pos += -pos % page
-        elif seg.size >= COPY_ALIGN_MIN:
+        elif seg.size >= COPY_ALIGN_MIN and sink.supports_holes:
             pos += _copy_gap(seg, pos)
         loads.append(_Load(seg, pos))
         pos += seg.size
@@ -142,8 +142,12 @@ def write_elf(
         sink.hole(len(head), data_off - len(head))
 
     zero = bytes(CHUNK)
+    end = data_off
     for load in loads:
         seg = load.seg
+        if load.offset > end:
+            sink.hole(end, load.offset - end)  # alignment gaps (streams get zeros)
+        end = load.offset + seg.size
         _write_segment(sink, seg, load.offset, zero if zero_holes else None, page, progress)
 
     if sink.size < file_size:
