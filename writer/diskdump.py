@@ -203,23 +203,24 @@ def write_kdump(
 
     def work(data: bytes | bytearray, count: int) -> tuple[bytes, list[int]]:
         comp = codec.compressor()
-        view = memoryview(data)
         zeros = zero_page_flags(data, page) if exclude_zero else [False] * count
-        parts: list[bytes | memoryview] = []
-        sizes: list[int] = []  # >0 compressed size, -page raw, 0 zero page
-        for i in range(count):
-            if zeros[i]:
-                sizes.append(0)
-                continue
-            p = view[i * page : (i + 1) * page]
-            if comp is not None:
-                c = comp(p)
-                if len(c) < page:  # keep only if strictly smaller (write_kdump_pages_cyclic)
-                    parts.append(c)
-                    sizes.append(len(c))
-                    continue
-            parts.append(p)
-            sizes.append(-page)
+        sizes = [0] * count  # >0 compressed size, -page raw, 0 zero page
+        keep = [i for i in range(count) if not zeros[i]]
+        raw = [bytes(data[i * page : (i + 1) * page]) for i in keep]
+        if comp is None:
+            for i in keep:
+                sizes[i] = -page
+            return b"".join(raw), sizes
+        packed = comp(raw)
+        parts: list[bytes] = []
+        for i, original, small in zip(keep, raw, packed, strict=True):
+            n = len(small)
+            if n < page:  # keep only if strictly smaller (write_kdump_pages_cyclic)
+                parts.append(small)
+                sizes[i] = n
+            else:
+                parts.append(original)
+                sizes[i] = -page
         return b"".join(parts), sizes
 
     def emit(blob: bytes, sizes: list[int]) -> None:
