@@ -82,7 +82,13 @@ from .notes import (
     parse_vmcoreinfo,
     vmcoreinfo_note,
 )
-from .segments import CallableSource, FdRangeSource, MemorySegment, SegmentSource
+from .segments import (
+    CallableSource,
+    FdRangeSource,
+    MemorySegment,
+    SegmentSource,
+    pread_full,
+)
 from .sinks import FLAT_HEADER, FLAT_HEADER_SIZE, FLAT_RECORD, FLAT_SIGNATURE
 
 __all__ = [
@@ -168,17 +174,7 @@ class _FileBlob(_Blob):
     def pread(self, offset: int, length: int) -> bytes:
         if length <= 0 or offset >= self.size:
             return b""
-        length = min(length, self.size - offset)
-        try:
-            data = os.pread(self.fd, length, offset)
-            while len(data) < length:
-                more = os.pread(self.fd, length - len(data), offset + len(data))
-                if not more:
-                    break
-                data += more
-        except OSError as err:
-            raise SourceReadError(f"cannot read {self.path}: {err.strerror}", offset) from err
-        return data
+        return pread_full(self.fd, min(length, self.size - offset), offset, self.path)
 
 
 class _FlatBlob(_Blob):

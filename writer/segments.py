@@ -77,6 +77,21 @@ class ZeroSource:
         pass
 
 
+def pread_full(fd: int, length: int, offset: int, name: str) -> bytes:
+    """Up to ``length`` bytes at ``offset``; short only at end of file. pread may return short
+    on pipes and network file systems, so keep reading; errors become SourceReadError."""
+    try:
+        data = os.pread(fd, length, offset)
+        while len(data) < length:
+            more = os.pread(fd, length - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+    except OSError as err:
+        raise SourceReadError(f"cannot read {name}: {err.strerror}", offset) from err
+    return data
+
+
 class FdRangeSource:
     """``length`` bytes at ``offset`` of an open file descriptor (caller keeps ownership)."""
 
@@ -89,15 +104,7 @@ class FdRangeSource:
 
     def read(self, offset: int, length: int) -> bytes:
         pos = self._offset + offset
-        try:
-            data = os.pread(self._fd, length, pos)
-            while len(data) < length:  # pread may return short on pipes/NFS: keep going
-                more = os.pread(self._fd, length - len(data), pos + len(data))
-                if not more:
-                    break
-                data += more
-        except OSError as err:
-            raise SourceReadError(f"cannot read {self.name or 'fd'}: {err.strerror}", pos) from err
+        data = pread_full(self._fd, length, pos, self.name or "fd")
         if len(data) != length:
             raise SourceReadError(f"{self.name or 'fd'} is shorter than expected", pos + len(data))
         return data
