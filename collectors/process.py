@@ -9,8 +9,9 @@ Sequence (facts measured in the project's process-cores notes):
 3. While stopped: PTRACE_GETREGSET for every regset of the architecture, re-read /proc/PID/maps,
    decide per mapping what the kernel would dump (fs/coredump.c vma_dump_size), build the notes.
 4. ``consistent`` mode copies a small process (EAGER_LIMIT) now and detaches; a bigger one
-   returns still stopped, the writer reads memory lazily from /proc/PID/mem, and the process is
-   detached as soon as the writer closes the memory sources (before its fsync and rename; or in
+   returns still stopped, the writer reads memory lazily in its own read-ahead thread
+   (process_vm_readv; /proc/PID/mem for what that cannot read), and the process is detached as
+   soon as the writer closes the memory sources (before its fsync and rename; or in
    ``__exit__``). ``low-pause`` mode copies the live part of the thread stacks now, detaches,
    and lets the writer read the rest while the process runs.
 
@@ -32,7 +33,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
@@ -313,6 +313,12 @@ def plan_mappings(entries: Sequence[MapEntry], smaps: Sequence[SmapsEntry], mask
         plan = plan_mapping(entry, info, mask, page, probe)
         if plan.dump and entry.is_file and plan.readable == plan.dump:
             limit_to_file(plan, probe.file_info(entry), page)
+        if (plan.sparse and info is not None and info.counters
+                and info.counter("Rss") + info.counter("Swap") >= entry.size):
+            # Every page had data when smaps was read: skip the pagemap walk (a page dropped
+            # since then reads as zeros, which is what it holds). Rss leaves out zero-page
+            # mappings, so none of those is read as data either.
+            plan.sparse = False
         plans.append(plan)
     return plans
 
@@ -429,7 +435,15 @@ def _runs(flags: bytes) -> list[tuple[int, int]]:
 
 class MemoryReader:
     """Reads the target's memory through /proc/PID/mem; unreadable pages become zeros and are
-    recorded, a vanished address space becomes TargetGoneError."""
+    recorded, a vanished address space becomes TargetGoneError.
+
+    Reads go through process_vm_readv first (no bounce page: ~20% less CPU per byte); the
+    pages it cannot read (PROT_NONE ones need /proc/PID/mem's forced access) go through pread.
+    process_vm_readv follows the pid, not the address space: unless ``stopped`` (every thread
+    in a ptrace stop, so no exec can happen), each such read is confirmed afterwards with a
+    one-byte pread on the mm-bound /proc/PID/mem descriptor, which reads nothing once the
+    address space we opened is gone (exit or exec; the pid may point elsewhere by then).
+    """
 
     def __init__(self, pid: int, procfs: ProcFS, mem_fd: int, pagemap_fd: int | None,
                  page: int, unreadable: list[UnreadableRange], note: str = "") -> None:
@@ -437,6 +451,7 @@ class MemoryReader:
         self.mem_fd, self.pagemap_fd = mem_fd, pagemap_fd
         self.unreadable = unreadable
         self.note = note  # appended to EIO reasons (e.g. "process was running")
+        self.stopped = False
         self._lock = threading.Lock()
 
     def _pagemap(self, addr: int, length: int) -> bytes | None:
@@ -516,6 +531,21 @@ class MemoryReader:
     def read_raw(self, addr: int, length: int) -> bytes:
         pieces: list[bytes] = []
         pos, end = addr, addr + length
+        try:
+            data = _ptrace.vm_read(self.pid, addr, length)
+        except (OSError, OverflowError):
+            data = b""  # gone, not permitted, no syscall: pread tells what it is
+        if data and not self.stopped:
+            try:
+                if not os.pread(self.mem_fd, 1, addr):
+                    raise self.gone()
+            except OSError:
+                data = b""  # unmapped meanwhile: let pread record what it can read
+        if len(data) == length:
+            return data
+        if data:
+            pieces.append(data)
+            pos += len(data)
         while pos < end:
             want = min(end - pos, CHUNK)
             try:
@@ -1029,7 +1059,8 @@ class ProcessCollector:
         self._tracer: _Tracer | None = None
         self._guard = _SignalGuard()
         self._fds: list[int] = []
-        self._prefetcher: Prefetcher | None = None
+        self._lazy: LazyMemory | None = None
+        self._reader: MemoryReader | None = None
         self._owner = 0  # ident of the thread that stopped the target (ptrace's tracer)
         self._problems: list[str] = []
         self._predicted = 0  # unreadable ranges known before writing (listed in the notes)
@@ -1076,8 +1107,8 @@ class ProcessCollector:
             raise self._guard.error()
 
     def _release(self) -> list[str]:
-        if self._prefetcher is not None:
-            self._prefetcher.close()  # no read may run once the target is released
+        if self._lazy is not None:
+            self._lazy.close()  # no read may run once the target is released
         self._resume()
         for fd in self._fds:
             with contextlib.suppress(OSError):
@@ -1090,6 +1121,8 @@ class ProcessCollector:
         tracer = self._tracer
         if tracer is None or tracer.released_at is not None:
             return
+        if self._reader is not None:
+            self._reader.stopped = False  # from now on the pid may exec: reads are confirmed
         with self._guard.deferred():
             self._problems.extend(tracer.release_all())
             if tracer.first_stop is not None and tracer.released_at is not None:
@@ -1147,13 +1180,14 @@ class ProcessCollector:
             self._fds.append(pagemap_fd)
         unreadable: list[UnreadableRange] = []
         low_pause = self.mode == "low-pause"
-        reader = MemoryReader(pid, procfs, mem_fd, pagemap_fd, page, unreadable,
-                              " while the process ran" if low_pause else "")
+        reader = self._reader = MemoryReader(pid, procfs, mem_fd, pagemap_fd, page, unreadable,
+                                             " while the process ran" if low_pause else "")
 
         tracer = self._tracer = _Tracer(pid, procfs, self.stop_timeout)
         with self._guard.deferred():
             tracer.stop_all()
         stopped_at = time.monotonic()
+        reader.stopped = True
 
         # --- stopped ---
         regset_reader = _ptrace.RegsetReader()
@@ -1195,8 +1229,8 @@ class ProcessCollector:
                     reader.record(lo, hi, plan.unreadable_reason, plan.unreadable_expected)
         predicted = list(unreadable)
         self._predicted = len(predicted)
-        self._prefetcher = Prefetcher(reader, self._reads_done)
-        segments = self._segments(plans, self._prefetcher, stack_copies)
+        self._lazy = LazyMemory(reader, self._reads_done)
+        segments = self._segments(plans, self._lazy, stack_copies)
 
         comm = pre.stat.comm.decode("utf-8", "replace")
         annotations = self._annotations(pre, threads, tracer, predicted, omitted)
@@ -1250,7 +1284,7 @@ class ProcessCollector:
 
         return SparseCopy(plan.dump - plan.skip_head, pieces, lo - base, below_sp)
 
-    def _segments(self, plans: Sequence[MappingPlan], prefetcher: Prefetcher,
+    def _segments(self, plans: Sequence[MappingPlan], lazy: LazyMemory,
                   copies: Mapping[int, SparseCopy]) -> list[MemorySegment]:
         segments: list[MemorySegment] = []
         for plan in plans:
@@ -1269,7 +1303,7 @@ class ProcessCollector:
                 continue
             src: SegmentSource | None = copies.get(e.start)
             if src is None:
-                src = prefetcher.add(start, size, plan.readable - plan.skip_head, plan.sparse)
+                src = lazy.add(start, size, plan.readable - plan.skip_head, plan.sparse)
             segments.append(MemorySegment(0, src, virt_addr=start, mem_size=mem_size,
                                           flags=flags))
         return segments
@@ -1336,22 +1370,21 @@ class _LazyRange:
     sparse: bool
 
 
-class Prefetcher:
-    """Reads the lazily dumped segments for the writer, one chunk ahead in a helper thread.
+class LazyMemory:
+    """The lazily dumped segments' sources: the writer reads them chunk by chunk, in its own
+    read-ahead thread (kdumpling.layout.prefetch), so reads overlap its writes on another CPU.
 
-    The writer asks for segments in order, front to back, in equal chunks; while it compresses
-    or writes chunk N (pwrite releases the GIL), the helper preads chunk N+1 (so does pread),
-    so reading and writing overlap on two CPUs. A request that is not the predicted one is
-    simply read in place. ``close()`` waits for the helper, so nothing reads after it returns.
+    ``close()`` (the writer closes every source when it is done, also on errors) waits for
+    reads in flight and refuses later ones, then calls ``on_close`` once: from then on the
+    target's memory is not needed.
     """
 
     def __init__(self, reader: MemoryReader, on_close: Callable[[], None] | None = None) -> None:
         self.reader = reader
-        self._on_close = on_close  # called once, after the last read
+        self._on_close = on_close
         self.ranges: list[_LazyRange] = []
-        self._pool: ThreadPoolExecutor | None = None
-        self._ahead: tuple[int, int, int, Future[bytes]] | None = None
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._active = 0
         self._closed = False
 
     def add(self, start: int, size: int, readable: int, sparse: bool) -> CallableSource:
@@ -1368,43 +1401,22 @@ class Prefetcher:
         return data + zeros(length - head) if data else zeros(length)
 
     def read(self, index: int, offset: int, length: int) -> bytes:
-        with self._lock:
-            ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[:3] == (index, offset, length):
-            data = ahead[3].result()
-        else:
-            if ahead is not None:
-                ahead[3].cancel()
-                with contextlib.suppress(BaseException):
-                    ahead[3].result()  # a mispredicted read: wait so reads never pile up
-            data = self.fetch(index, offset, length)
-        self._schedule(index, offset + length, length)
-        return data
-
-    def _schedule(self, index: int, offset: int, length: int) -> None:
-        if offset >= self.ranges[index].size:
-            index, offset = index + 1, 0
-            if index >= len(self.ranges):
-                return
-        length = min(length, self.ranges[index].size - offset)
-        with self._lock:
+        with self._cond:
             if self._closed:
-                return
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdumpling-read")
-            self._ahead = (index, offset, length,
-                           self._pool.submit(self.fetch, index, offset, length))
+                raise SourceReadError("process memory read after the capture ended", offset)
+            self._active += 1
+        try:
+            return self.fetch(index, offset, length)
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
             self._closed = True
-            pool, self._pool = self._pool, None
-            ahead, self._ahead = self._ahead, None
+            self._cond.wait_for(lambda: self._active == 0)
             on_close, self._on_close = self._on_close, None
-        if ahead is not None:
-            ahead[3].cancel()
-        if pool is not None:
-            pool.shutdown(wait=True)
         if on_close is not None:
             on_close()
 

@@ -257,6 +257,40 @@ def test_reader_zero_fills_pages_it_cannot_read(target: pt.Target) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("stopped", [True, False])
+def test_reader_falls_back_to_proc_mem_where_process_vm_readv_stops(stopped: bool) -> None:
+    # process_vm_readv cannot read PROT_NONE pages (no forced access): a read that runs into
+    # them must finish through /proc/PID/mem with the real bytes. Our own process serves as
+    # the target: both interfaces accept it.
+    import ctypes
+    import mmap
+
+    from kdumpling.collectors import _ptrace
+    from kdumpling.collectors._procfs import ProcFS
+    from kdumpling.collectors.process import MemoryReader
+
+    m = mmap.mmap(-1, 3 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    content = pt.pattern(0x3C, 3 * PAGE)
+    m[:] = content
+    anchor = ctypes.c_char.from_buffer(m)
+    addr = ctypes.addressof(anchor)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(addr + PAGE), ctypes.c_size_t(2 * PAGE), 0) == 0
+    fs = ProcFS()
+    fd = fs.open_mem(os.getpid())
+    try:
+        assert _ptrace.vm_read(os.getpid(), addr, 3 * PAGE) == content[:PAGE]  # short read
+        unreadable: list[object] = []
+        reader = MemoryReader(os.getpid(), fs, fd, None, PAGE, unreadable)  # type: ignore[arg-type]
+        reader.stopped = stopped
+        assert reader.read_raw(addr, 3 * PAGE) == content and not unreadable
+    finally:
+        os.close(fd)
+        libc.mprotect(ctypes.c_void_p(addr + PAGE), ctypes.c_size_t(2 * PAGE), 3)
+        del anchor
+        m.close()
+
+
 def _vdso_start(auxv: bytes) -> int:
     for i in range(0, len(auxv), 16):
         key, value = struct.unpack_from("<QQ", auxv, i)
