@@ -1374,17 +1374,17 @@ class LazyMemory:
     """The lazily dumped segments' sources: the writer reads them chunk by chunk, in its own
     read-ahead thread (kdumpling.layout.prefetch), so reads overlap its writes on another CPU.
 
-    ``close()`` (the writer closes every source when it is done, also on errors) waits for
-    reads in flight and refuses later ones, then calls ``on_close`` once: from then on the
-    target's memory is not needed.
+    ``close()`` (the writer closes every source when it is done, also on errors) waits for a
+    read in flight and refuses later ones, then calls ``on_close`` once: from then on the
+    target's memory is not needed. A read holds the lock throughout (one reader at a time, the
+    writer's read-ahead thread), so an exception anywhere in it, SIGINT's included, frees it.
     """
 
     def __init__(self, reader: MemoryReader, on_close: Callable[[], None] | None = None) -> None:
         self.reader = reader
         self._on_close = on_close
         self.ranges: list[_LazyRange] = []
-        self._cond = threading.Condition()
-        self._active = 0
+        self._lock = threading.Lock()
         self._closed = False
 
     def add(self, start: int, size: int, readable: int, sparse: bool) -> CallableSource:
@@ -1401,21 +1401,14 @@ class LazyMemory:
         return data + zeros(length - head) if data else zeros(length)
 
     def read(self, index: int, offset: int, length: int) -> bytes:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise SourceReadError("process memory read after the capture ended", offset)
-            self._active += 1
-        try:
             return self.fetch(index, offset, length)
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.wait_for(lambda: self._active == 0)
             on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
