@@ -538,6 +538,7 @@ class LibvirtDaemons:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        _kill_domain_qemus()
         for daemon in ("libvirtd", "virtlogd"):
             pid = self.started.pop(daemon, None)
             if pid is None or not _pid_alive(pid):
@@ -555,6 +556,27 @@ class LibvirtDaemons:
                 time.sleep(0.1)
             else:
                 os.kill(pid, signal.SIGKILL)
+
+
+# Domains this session created: their QEMU processes must not outlive the tests, even when
+# libvirt could not destroy them (seen once: a QEMU left running after the daemons stopped).
+LIBVIRT_DOMAINS: set[str] = set()
+
+
+def _kill_domain_qemus() -> None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not cmdline or not cmdline[0].endswith(b"qemu-system-x86_64"):
+            continue
+        args = b" ".join(cmdline).decode("utf-8", "replace")
+        if any(f"guest={name}," in args for name in LIBVIRT_DOMAINS):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 DOMAIN_XML = """<domain type='{domtype}'>
@@ -588,6 +610,7 @@ class LibvirtGuest:
                  *, mem_mb: int = 512, uri: str = "qemu:///system") -> None:
         self.spec, self.uri, self.mem_mb = spec, uri, mem_mb
         self.name = f"kdt-lv-{spec.nonce}"
+        LIBVIRT_DOMAINS.add(self.name)
         # The QEMU process runs as libvirt-qemu: kernel, initrd and serial log must sit in a
         # directory it can traverse.
         self.workdir = workdir
