@@ -6,6 +6,7 @@ import os
 import random
 import struct
 import subprocess
+from itertools import accumulate
 from dataclasses import dataclass
 
 import pytest
@@ -63,11 +64,15 @@ def make_memory(page: int, seed: int) -> Memory:
                 out += bytes(page)
             elif k == "r":
                 out += rng.randbytes(page)
+            elif k == "t":  # ascending u32 addresses: the zlib writer redoes these with zlib
+                steps = [8 * rng.choice((1, 1, 1, 2, 3, 5)) for _ in range(page // 4)]
+                values = [v & 0xFFFFFFFF for v in accumulate(steps, initial=0x82C35380)][:-1]
+                out += struct.pack(f"<{page // 4}I", *values)
             else:  # pattern: the page's own offset repeated (compressible, position-unique)
                 out += struct.pack("<Q", len(out) + seed) * (page // 8)
         return bytes(out)
 
-    a = pages("pprzpzzrpp")  # aligned run of mixed pages
+    a = pages("pprzpzzrptp")  # aligned run of mixed pages
     b_start = 0x40 * page + 0x234  # starts and ends inside a page
     b = rng.randbytes(3 * page + 100)
     d_start = b_start + len(b) + 16  # shares the last page of b

@@ -141,7 +141,7 @@ def write_kdump(
     page = image.effective_page_size
     if not (MIN_PAGE_SIZE <= page <= MAX_PAGE_SIZE and page & (page - 1) == 0):
         raise LayoutError(f"page size {page} is not a power of two in [4096, 262144]")
-    codec = PageCodec(compression, level)
+    codec = PageCodec(compression, level, page)
     segments = checked_segments(image)
     runs = pfn_runs(segments, page)
     if not runs:
