@@ -6,8 +6,8 @@ import os
 import random
 import struct
 import subprocess
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 
 import pytest
 from kdumpling import KdumpBuilder
