@@ -15,11 +15,14 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+import time
+from types import TracebackType
 from typing import Any, BinaryIO, cast
 
 from kdumpling.errors import CaptureInterrupted, DumpWriteError, FormatError, UsageError
 from kdumpling.image import CoreImage
+
+from .base import Snapshot
 
 
 class DumpStream(io.RawIOBase):
@@ -116,31 +119,26 @@ def spool_file(directory: str, need: int | None) -> int:
     return fd
 
 
-def copy_to_spool(stream: DumpStream, spool_fd: int,
-                  progress: Callable[[int], None] | None = None) -> int:
-    """Copy the whole stream into the spool file with splice(2) (no copy through Python)."""
-    total = 0
-    while True:
-        if stream._abort.is_set():
-            raise CaptureInterrupted("the capture was aborted")
+def spool_sparse(stream: DumpStream, spool_fd: int) -> tuple[int, list[str]]:
+    """Copy the ELF vmcore arriving on ``stream`` into the spool file, zero pages left as holes.
+
+    The copy is our own ELF of the same image (notes, PT_LOADs, addresses), written with dump
+    level 1, so a mostly free guest costs a fraction of its size in the spool and the guest's
+    pause is the time to read the stream and find its zero pages, without compressing.
+    Returns the bytes read from the stream and the stream reader's warnings.
+    """
+    from kdumpling.dump import write_dump
+
+    image, warnings = image_from_stream(stream)
+    with os.fdopen(os.dup(spool_fd), "r+b", buffering=0) as spool:
         try:
-            n = os.splice(stream.fd, spool_fd, 1 << 20)
+            write_dump(image, spool, format="elf", dump_level=1)
         except OSError as err:
-            if err.errno in (errno.EINVAL, errno.ENOSYS):  # filesystem without splice support
-                data = os.read(stream.fd, 1 << 20)
-                n = len(data)
-                if n:
-                    os.write(spool_fd, data)
-            else:
-                raise DumpWriteError.from_oserror(err, "spool file") from err
-        if n == 0:
-            stream.eof = True
-            break
-        total += n
-        stream.bytes_read += n
-        if progress:
-            progress(total)
-    return total
+            raise DumpWriteError.from_oserror(err, "spool file") from err
+    # QEMU >= 7.2 ends its ELF with the section-name string table (dump/dump.c
+    # prepare_elf_section_hdrs): a few bytes nobody needs, but QEMU must get to write them.
+    stream.drain()
+    return stream.bytes_read, warnings
 
 
 def image_from_stream(stream: DumpStream) -> tuple[CoreImage, list[str]]:
@@ -163,3 +161,89 @@ def image_from_spool(spool_fd: int, name: str) -> tuple[CoreImage, list[str], An
     image = dump.to_image()
     image.extra["source"] = name
     return image, list(getattr(dump, "warnings", [])), dump
+
+
+class StreamedDumpCollector:
+    """What the QMP and libvirt collectors share: a dump read from a stream, or spooled first.
+
+    Subclasses start the dump in ``_enter`` (which calls ``_read_dump``), say in
+    ``_dump_finished`` how to wait for its end and what the pause was, and release their own
+    resources in ``_cleanup`` around ``_end_stream`` and ``_close_spool``.
+    """
+
+    def __init__(self, spool: str | None) -> None:
+        self.spool = spool
+        self._stream: DumpStream | None = None
+        self._spool_fd = -1
+        self._spool_dump: Any = None
+        self._snapshot: Snapshot | None = None
+
+    def __enter__(self) -> Snapshot:
+        try:
+            return self._enter()
+        except BaseException:
+            self._cleanup(failed=True)
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._cleanup(failed=exc is not None)
+
+    def abort(self) -> None:
+        """Stop the capture from another thread: the next read raises CaptureInterrupted."""
+        if self._stream is not None:
+            self._stream.abort()
+
+    def _enter(self) -> Snapshot:
+        raise NotImplementedError
+
+    def _cleanup(self, *, failed: bool) -> None:
+        raise NotImplementedError
+
+    def _dump_finished(self) -> float | None:
+        """After the whole stream was spooled: wait for the dump's end, return the pause."""
+        raise NotImplementedError
+
+    def _open_spool(self, need: int | None) -> None:
+        if self.spool is not None:
+            self._spool_fd = spool_file(self.spool, need)
+
+    def _read_dump(self, target: str, meta: dict[str, object]) -> Snapshot:
+        """The Snapshot: segments that read the stream, or (spool) the spooled copy."""
+        assert self._stream is not None
+        if self.spool is None:
+            image, warnings = image_from_stream(self._stream)
+            snap = Snapshot(image, target, meta=meta, warnings=warnings)
+        else:
+            t0 = time.monotonic()
+            meta["stream_bytes"], warnings = spool_sparse(self._stream, self._spool_fd)
+            meta["spool_copy_seconds"] = time.monotonic() - t0
+            meta["spool_bytes"] = os.fstat(self._spool_fd).st_blocks * 512
+            self._stream.close()
+            pause = self._dump_finished()
+            image, spool_warnings, self._spool_dump = image_from_spool(self._spool_fd, target)
+            snap = Snapshot(image, target, pause_seconds=pause, meta=meta,
+                            warnings=warnings + spool_warnings)
+        self._snapshot = snap
+        return snap
+
+    def _end_stream(self, *, drain: bool) -> None:
+        """Read what is left (a whole dump) or close early (the writer then gets EPIPE)."""
+        stream = self._stream
+        if stream is None or stream.fd < 0:
+            return
+        if drain:
+            # QEMU >= 7.2 ends its ELF with the section-name string table
+            # (dump/dump.c prepare_elf_section_hdrs): a few bytes nobody needs.
+            left = stream.drain()
+            if self._snapshot is not None:
+                self._snapshot.meta["trailing_bytes"] = left
+        stream.close()
+
+    def _close_spool(self) -> None:
+        if self._spool_dump is not None:
+            self._spool_dump.close()
+            self._spool_dump = None
+        if self._spool_fd >= 0:
+            os.close(self._spool_fd)
+            self._spool_fd = -1

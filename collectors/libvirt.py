@@ -13,7 +13,8 @@ Facts that shape the code (measured with libvirt 9.0 / QEMU 7.2, see the project
   domain locked. We open it O_RDONLY|O_NONBLOCK, which succeeds at once, and wait with poll(2)
   for the first data (a FIFO reader that never had a writer gets no POLLHUP).
 * The guest stays paused until the last byte is read (stream mode: pause = conversion time);
-  ``spool=DIR`` copies the stream to an anonymous file first (pause = copy time).
+  ``spool=DIR`` copies the stream to an anonymous file first, zero pages as holes (pause = the
+  time to read the stream), and converts from there.
 * Closing the read end early makes the iohelper die of SIGPIPE; libvirt fails the call and
   resumes the guest. ``abortJob()`` is the polite way.
 
@@ -31,7 +32,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from kdumpling.errors import (
@@ -41,13 +41,7 @@ from kdumpling.errors import (
     UsageError,
 )
 
-from ._stream import (
-    DumpStream,
-    copy_to_spool,
-    image_from_spool,
-    image_from_stream,
-    spool_file,
-)
+from ._stream import DumpStream, StreamedDumpCollector
 from .base import Snapshot
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
@@ -100,7 +94,7 @@ def _quiet(*_: object) -> None:  # libvirt prints every error to stderr unless t
     return None
 
 
-class LibvirtCollector:
+class LibvirtCollector(StreamedDumpCollector):
     """Context manager: ``with LibvirtCollector("vm1") as snap: write_dump(snap.image, out)``.
 
     ``domain`` is a name or a UUID. ``progress(done, total)`` gets libvirt's job counters from a
@@ -111,9 +105,9 @@ class LibvirtCollector:
     def __init__(self, domain: str, uri: str = "qemu:///system", spool: str | None = None, *,
                  progress: Callable[[int, int], None] | None = None,
                  memory_only: bool = True, start_timeout: float = 120.0) -> None:
+        super().__init__(spool)
         self.domain_name = domain
         self.uri = uri
-        self.spool = spool
         self.progress = progress
         self.memory_only = memory_only
         self.start_timeout = start_timeout
@@ -121,25 +115,14 @@ class LibvirtCollector:
         self._dom: Any = None
         self._tmpdir: str | None = None
         self._fifo: str | None = None
-        self._stream: DumpStream | None = None
-        self._spool_fd = -1
-        self._spool_dump: Any = None
         self._thread: threading.Thread | None = None
         self._call_error: BaseException | None = None
         self._call_started = 0.0
         self._call_ended = 0.0
         self._call_done = threading.Event()
-        self._snapshot: Snapshot | None = None
         self._was_running = True
 
     # -- the capture ----------------------------------------------------------------------------
-    def __enter__(self) -> Snapshot:
-        try:
-            return self._enter()
-        except BaseException:
-            self._cleanup(failed=True)
-            raise
-
     def _lookup(self) -> Any:
         lv = _libvirt()
         lv.registerErrorHandler(_quiet, None)
@@ -165,8 +148,7 @@ class LibvirtCollector:
         if state not in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_PAUSED):
             raise TargetGoneError(f"domain {self.domain_name!r} is not running (state {state})")
         self._was_running = state == lv.VIR_DOMAIN_RUNNING
-        if self.spool is not None:
-            self._spool_fd = spool_file(self.spool, max_kib * 1024)
+        self._open_spool(max_kib * 1024)
 
         # Private 0700 directory, 0600 FIFO: only root (libvirtd) and we can open it.
         self._tmpdir = tempfile.mkdtemp(prefix="kdumpling-libvirt-")
@@ -185,26 +167,17 @@ class LibvirtCollector:
         threading.Thread(target=self._watch, daemon=True, name="kdumpling-libvirt-progress"
                          ).start()
 
-        target = f"libvirt domain {dom.name()} ({self.uri})"
         meta: dict[str, object] = {"collector": "libvirt", "uri": self.uri, "domain": dom.name(),
                                    "uuid": dom.UUIDString(),
                                    "mode": "spool" if self.spool else "stream"}
-        if self.spool is not None:
-            t0 = time.monotonic()
-            meta["stream_bytes"] = copy_to_spool(self._stream, self._spool_fd)
-            meta["spool_copy_seconds"] = time.monotonic() - t0
-            self._stream.close()
-            self._join_call(raise_error=True)
-            image, warnings, self._spool_dump = image_from_spool(self._spool_fd, target)
-            snap = Snapshot(image, target, pause_seconds=self._pause(), meta=meta,
-                            warnings=warnings)
-        else:
-            image, warnings = image_from_stream(self._stream)
-            snap = Snapshot(image, target, meta=meta, warnings=warnings)
+        snap = self._read_dump(f"libvirt domain {dom.name()} ({self.uri})", meta)
         if not self._was_running:
             snap.warnings.append("the domain was already paused")
-        self._snapshot = snap
         return snap
+
+    def _dump_finished(self) -> float | None:
+        self._join_call(raise_error=True)
+        return self._pause()
 
     def _call(self, fmt: int, flags: int) -> None:
         self._call_started = time.monotonic()
@@ -272,31 +245,19 @@ class LibvirtCollector:
     # -- release ---------------------------------------------------------------------------------
     def abort(self) -> None:
         """Abort from another thread: libvirt's abortJob, and the next read raises."""
-        if self._stream is not None:
-            self._stream.abort()
+        super().abort()
         if self._dom is not None and not self._call_done.is_set():
             with contextlib.suppress(Exception):
                 self._dom.abortJob()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._cleanup(failed=exc is not None)
-
     def _cleanup(self, *, failed: bool) -> None:
         snap = self._snapshot
-        stream = self._stream
         try:
-            if stream is not None and stream.fd >= 0:
-                if not failed and self._call_started:
-                    # QEMU >= 7.2 ends its ELF with the section-name string table
-                    # (dump/dump.c prepare_elf_section_hdrs): a few bytes nobody needs.
-                    left = stream.drain()
-                    if snap is not None:
-                        snap.meta["trailing_bytes"] = left
-                elif self._dom is not None and not self._call_done.is_set():
-                    with contextlib.suppress(Exception):
-                        self._dom.abortJob()
-                stream.close()  # the iohelper gets EPIPE/SIGPIPE if it was still writing
+            drain = not failed and bool(self._call_started)
+            if not drain and self._dom is not None and not self._call_done.is_set():
+                with contextlib.suppress(Exception):
+                    self._dom.abortJob()
+            self._end_stream(drain=drain)  # the iohelper gets EPIPE/SIGPIPE if still writing
             if self._thread is not None:
                 self._thread.join(120)
                 err = self._call_error
@@ -306,12 +267,7 @@ class LibvirtCollector:
             if snap is not None and snap.pause_seconds is None:
                 snap.pause_seconds = self._pause()
         finally:
-            if self._spool_dump is not None:
-                self._spool_dump.close()
-                self._spool_dump = None
-            if self._spool_fd >= 0:
-                os.close(self._spool_fd)
-                self._spool_fd = -1
+            self._close_spool()
             if self._tmpdir is not None:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
                 self._tmpdir = None

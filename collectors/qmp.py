@@ -13,9 +13,9 @@ vm_start). Two modes:
 
 * stream (default): the Snapshot's segments read the pipe itself; the caller's ``write_dump``
   converts while QEMU streams, and the pause is the conversion time. No copy on disk.
-* spool (``spool=DIR``): the raw stream is spliced into an anonymous file in DIR first (pause =
-  copy time), then converted from there; the spool file never has a name, so it is gone when the
-  collector exits, however it exits.
+* spool (``spool=DIR``): the stream is copied into an anonymous file in DIR first, zero pages left
+  as holes (pause = reading the stream), then converted from there while the guest runs; the
+  spool file never has a name, so it is gone when the collector exits, however it exits.
 
 The guest's pause is measured from QEMU's own STOP/RESUME event timestamps.
 """
@@ -28,19 +28,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from kdumpling.errors import KdumplingError, TargetGoneError, UsageError
 
 from ._qmp import QmpClient, QmpError, QmpEvent, pipe_cloexec, set_pipe_size
-from ._stream import (
-    DumpStream,
-    copy_to_spool,
-    image_from_spool,
-    image_from_stream,
-    spool_file,
-)
+from ._stream import DumpStream, StreamedDumpCollector
 from .base import Snapshot
 
 PIPE_SIZE = 1 << 20  # a 1 MiB pipe halves the pause against the 64 KiB default (measured)
@@ -52,7 +45,7 @@ class DumpFailedError(KdumplingError):
     exit_code = 74
 
 
-class QmpCollector:
+class QmpCollector(StreamedDumpCollector):
     """Context manager: ``with QmpCollector(sock) as snap: write_dump(snap.image, out)``.
 
     After the block, ``snap.pause_seconds`` holds the guest's pause (in stream mode it is only
@@ -63,16 +56,12 @@ class QmpCollector:
     def __init__(self, socket_path: str | os.PathLike[str], *, spool: str | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  pipe_size: int = PIPE_SIZE, timeout: float = 60.0) -> None:
+        super().__init__(spool)
         self.socket_path = os.fspath(socket_path)
-        self.spool = spool
         self.progress = progress
         self.pipe_size = pipe_size
         self.timeout = timeout
         self._client: QmpClient | None = None
-        self._stream: DumpStream | None = None
-        self._spool_fd = -1
-        self._spool_dump: Any = None
-        self._snapshot: Snapshot | None = None
         self._monitor: threading.Thread | None = None
         self._done = threading.Event()
         self._stop_monitor = threading.Event()
@@ -85,13 +74,6 @@ class QmpCollector:
         self._pause_measured = False
 
     # -- the capture ----------------------------------------------------------------------------
-    def __enter__(self) -> Snapshot:
-        try:
-            return self._enter()
-        except BaseException:
-            self._cleanup(failed=True)
-            raise
-
     def _enter(self) -> Snapshot:
         client = self._client = QmpClient(self.socket_path, timeout=self.timeout)
         status = client.execute("query-status")
@@ -103,7 +85,7 @@ class QmpCollector:
         if self.spool is not None:
             with contextlib.suppress(QmpError):
                 need = int(client.execute("query-memory-size-summary")["base-memory"])
-            self._spool_fd = spool_file(self.spool, need)
+            self._open_spool(need)
 
         rfd, wfd = pipe_cloexec()
         self._stream = DumpStream(rfd, f"QEMU dump from {self.socket_path}")
@@ -132,27 +114,19 @@ class QmpCollector:
             "collector": "qmp", "socket": self.socket_path, "mode": "spool" if self.spool
             else "stream", "pipe_size": effective_pipe, "qemu_version": client.version,
         }
-        target = f"QEMU guest at {self.socket_path}"
-        if self.spool is not None:
-            t0 = time.monotonic()
-            copied = copy_to_spool(self._stream, self._spool_fd)
-            meta["spool_copy_seconds"] = time.monotonic() - t0
-            meta["stream_bytes"] = copied
-            self._stream.close()
-            self._finish_dump()
-            pause = self._pause()
-            # A QMP socket serves one client at a time: give the monitor back now.
-            client.close()
-            self._client = None
-            image, warnings, self._spool_dump = image_from_spool(self._spool_fd, target)
-            snap = Snapshot(image, target, pause_seconds=pause, meta=meta, warnings=warnings)
-        else:
-            image, warnings = image_from_stream(self._stream)
-            snap = Snapshot(image, target, meta=meta, warnings=warnings)
+        snap = self._read_dump(f"QEMU guest at {self.socket_path}", meta)
         if not self._was_running:
             snap.warnings.append("the guest was already paused; it was not resumed")
-        self._snapshot = snap
         return snap
+
+    def _dump_finished(self) -> float | None:
+        self._finish_dump()
+        pause = self._pause()
+        # A QMP socket serves one client at a time: give the monitor back now.
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        return pause
 
     def _watch(self) -> None:
         """Progress from query-dump until the dump ends (runs in a helper thread)."""
@@ -207,29 +181,12 @@ class QmpCollector:
         return max(0.0, resume.timestamp - stop[0].timestamp)
 
     # -- release ---------------------------------------------------------------------------------
-    def abort(self) -> None:
-        """Stop the capture from another thread: the next read raises CaptureInterrupted."""
-        if self._stream is not None:
-            self._stream.abort()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._cleanup(failed=exc is not None)
-
     def _cleanup(self, *, failed: bool) -> None:
         snap = self._snapshot
-        stream = self._stream
         try:
-            if stream is not None and stream.fd >= 0:
-                if not failed:
-                    # QEMU >= 7.2 ends its ELF with the section-name string table
-                    # (dump/dump.c prepare_elf_section_hdrs): a few bytes nobody needs.
-                    left = stream.drain()
-                    if snap is not None:
-                        snap.meta["trailing_bytes"] = left
-                # Closing early makes QEMU's next write fail with EPIPE: it ends the dump as
-                # failed and resumes the guest.
-                stream.close()
+            # Closing early makes QEMU's next write fail with EPIPE: it ends the dump as failed
+            # and resumes the guest.
+            self._end_stream(drain=not failed)
             try:
                 self._finish_dump()
             except KdumplingError:
@@ -241,12 +198,7 @@ class QmpCollector:
                     snap.meta["capture_seconds"] = time.monotonic() - self._started
         finally:
             self._stop_monitor.set()
-            if self._spool_dump is not None:
-                self._spool_dump.close()
-                self._spool_dump = None
-            if self._spool_fd >= 0:
-                os.close(self._spool_fd)
-                self._spool_fd = -1
+            self._close_spool()
             if self._client is not None:
                 self._client.close()
                 self._client = None

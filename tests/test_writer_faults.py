@@ -12,7 +12,7 @@ import time
 
 import kdumpling
 import pytest
-from kdumpling import CallableSource, KdumpBuilder
+from kdumpling import CallableSource, KdumpBuilder, write_dump
 
 from tests.readers import crash_osrelease, drgn_program, lkf_open, lkf_read_phys
 
@@ -176,6 +176,32 @@ def test_write_to_a_pipe(tmp_path: str, fmt: str) -> None:
         assert p1.wait(60) == 0 and p2.wait(60) == 0
     prog = drgn_program(out)
     assert prog.read(0x100000, len(data), True) == data
+
+
+@pytest.mark.readers
+def test_elf_to_an_open_file_keeps_zero_pages_as_holes(tmp_path: str) -> None:
+    data = os.urandom(1 << 16)
+    b = KdumpBuilder().set_vmcoreinfo(VMCI)
+    b.add_memory_segment(0x100000, data)
+    b.add_memory_segment(0x1000000, bytes(64 << 20))
+    b.add_memory_segment(0x9000000, data)
+    out = os.path.join(tmp_path, "sparse.elf")
+    with open(out, "w+b") as f:
+        write_dump(b.to_image(), f, format="elf", dump_level=1)
+        assert f.tell() == os.path.getsize(out) > 64 << 20  # left at the end, like a write
+    assert os.stat(out).st_blocks * 512 < 4 << 20  # the 64 MiB of zeros are holes
+    prog = drgn_program(out)
+    assert prog.read(0x100000, len(data), True) == data
+    assert prog.read(0x9000000, len(data), True) == data
+    assert prog.read(0x1000000 + (32 << 20), 4096, True) == bytes(4096)
+
+    # Not at its start (something before the dump): written sequentially after it.
+    prefixed = os.path.join(tmp_path, "prefixed")
+    with open(prefixed, "wb") as f:
+        f.write(b"x" * 100)
+        write_dump(b.to_image(), f, format="elf", dump_level=1)
+    with open(prefixed, "rb") as f:
+        assert f.read(104) == b"x" * 100 + b"\x7fELF"
 
 
 @pytest.mark.slow

@@ -111,6 +111,8 @@ def write_dump(
         try:
             result = _run(image, sink, fmt, ctype, compression_level, dump_level, threads, step)
             sink.finish()
+            if isinstance(sink, FileSink):
+                output.seek(0, os.SEEK_END)
         finally:
             sink.close()
     result.path = path
@@ -123,13 +125,19 @@ def _stream_sink(stream: BinaryIO, fmt: OutputFormat) -> Sink:
     name = name if isinstance(name, str) else "<stream>"
     if fmt is OutputFormat.KDUMP_FLATTENED:
         return FlattenedSink(stream, name)
-    if fmt is OutputFormat.ELF:
-        return StreamSink(stream, name)
     try:
         seekable = stream.seekable()
         fd = stream.fileno()
+        at_start = seekable and stream.tell() == 0
     except (OSError, AttributeError, ValueError):
-        seekable = False
+        seekable = at_start = False
+    if fmt is OutputFormat.ELF:
+        if at_start:
+            # A regular file from its start: positioned writes, zero pages as holes, and
+            # copy_file_range, as for a path. The stream's position is moved to the end after.
+            stream.flush()
+            return FileSink(fd, name)
+        return StreamSink(stream, name)
     if not seekable:
         raise UsageError("the kdump format needs a seekable file; use kdump-flat for streams")
     stream.flush()

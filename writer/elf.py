@@ -173,7 +173,7 @@ def _write_segment(
             if progress:
                 progress(seg.size)
             return
-    def reads() -> Generator[tuple[int, bytes], None, None]:
+    def reads() -> Generator[tuple[int, bytes | bytearray], None, None]:
         for done in range(0, seg.size, CHUNK):
             yield done, src.read(done, min(CHUNK, seg.size - done))
 
@@ -188,7 +188,7 @@ def _write_segment(
                 progress(len(data))
 
 
-def _write_sparse(sink: Sink, offset: int, data: bytes, zero: bytes, page: int) -> None:
+def _write_sparse(sink: Sink, offset: int, data: bytes | bytearray, zero: bytes, page: int) -> None:
     """Write ``data`` at ``offset``, leaving runs of all-zero pages as holes."""
     n = len(data)
     if (data == zero) if n == len(zero) else (data == zero[:n]):

@@ -1496,6 +1496,10 @@ class _StreamIn:
         return bytes(buf)
 
     def read_exact(self, n: int, what: str = "data") -> bytes:
+        return bytes(self.read_into_new(n, what))
+
+    def read_into_new(self, n: int, what: str = "data") -> bytearray:
+        """``n`` bytes in a new buffer, without the extra copy into ``bytes`` (memory data)."""
         buf = bytearray(n)
         view = memoryview(buf)
         done = 0
@@ -1504,7 +1508,7 @@ class _StreamIn:
             if not got:
                 raise FormatError(f"stream ended in the middle of the {what}", self.pos)
             done += got
-        return bytes(buf)
+        return buf
 
     def skip(self, n: int) -> None:
         scratch = memoryview(bytearray(min(n, _COPY)))
@@ -1535,7 +1539,7 @@ class ElfStreamReader:
         self.warnings: list[str] = []
         self._in = _StreamIn(stream)
         self._lock = threading.Lock()
-        self._last: tuple[int, bytes] = (0, b"")
+        self._last: tuple[int, bytes | bytearray] = (0, b"")
         self._head = bytearray()
         self._parse(max_header)
 
@@ -1633,12 +1637,12 @@ class ElfStreamReader:
         """Bytes consumed from the stream so far."""
         return self._in.pos
 
-    def _reader(self, base: int) -> Callable[[int, int], bytes]:
-        def read(offset: int, length: int) -> bytes:
+    def _reader(self, base: int) -> Callable[[int, int], bytes | bytearray]:
+        def read(offset: int, length: int) -> bytes | bytearray:
             return self.read_at(base + offset, length)
         return read
 
-    def read_at(self, pos: int, length: int) -> bytes:
+    def read_at(self, pos: int, length: int) -> bytes | bytearray:
         """``length`` bytes at stream offset ``pos``; ``pos`` must not go backwards."""
         with self._lock:
             end = pos + length
@@ -1657,7 +1661,8 @@ class ElfStreamReader:
                 except FormatError as err:
                     raise SourceReadError(f"{self.name}: {err}", pos) from None
             try:
-                data = self._in.read_exact(length, what="memory data")
+                # A bytearray nobody changes: callers treat it like bytes (one copy fewer).
+                data = self._in.read_into_new(length, what="memory data")
             except FormatError:
                 raise SourceReadError(f"{self.name}: stream ended early", self._in.pos) from None
             self._last = (pos, data)

@@ -26,8 +26,10 @@ class SegmentSource(Protocol):
     @property
     def size(self) -> int: ...
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset`` (offset + length <= size)."""
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Exactly ``length`` bytes at ``offset`` (offset + length <= size).
+
+        A bytearray is allowed (one copy fewer for stream readers); nobody changes it after."""
         ...
 
     def file_range(self) -> tuple[int, int] | None:
@@ -206,7 +208,7 @@ def _is_regular(fd: int) -> bool:
 class CallableSource:
     """Bytes produced by ``reader(offset, length)``, e.g. a live process or a guest."""
 
-    def __init__(self, size: int, reader: Callable[[int, int], bytes],
+    def __init__(self, size: int, reader: Callable[[int, int], bytes | bytearray],
                  closer: Callable[[], None] | None = None) -> None:
         self._size, self._reader, self._closer = size, reader, closer
 
@@ -214,7 +216,7 @@ class CallableSource:
     def size(self) -> int:
         return self._size
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         data = self._reader(offset, length)
         if len(data) != length:
             raise SourceReadError(f"source returned {len(data)} bytes, expected {length}", offset)
@@ -279,13 +281,13 @@ class MemorySegment:
     def memsz(self) -> int:
         return self.mem_size if self.mem_size is not None else self.size
 
-    def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes | bytearray]:
         for off in range(0, self.size, chunk_size):
             yield self.source.read(off, min(chunk_size, self.size - off))
 
     def get_data(self) -> bytes:
         """The whole segment as bytes (seed API; loads it all, so avoid on big segments)."""
-        return self.source.read(0, self.size)
+        return bytes(self.source.read(0, self.size))
 
     def write_to(self, output: BinaryIO) -> None:
         """Stream the segment's bytes to ``output`` in 1 MiB chunks (seed API)."""

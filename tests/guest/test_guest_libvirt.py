@@ -73,6 +73,7 @@ def test_libvirt_by_uuid_spool(libvirt_guest: rig.LibvirtGuest, libvirt_expect: 
     with LibvirtCollector(uuid, uri=libvirt_guest.uri, spool=str(spool)) as snap:
         assert _running(libvirt_guest)  # already resumed: the pause was the copy
         assert os.listdir(spool) == []
+        assert 0 < int(snap.meta["spool_bytes"]) < int(snap.meta["stream_bytes"]) // 2
         write_dump(snap.image, out, format="kdump", compression="zstd")
     assert snap.pause_seconds is not None and snap.pause_seconds > 0
     assert os.listdir(spool) == []
