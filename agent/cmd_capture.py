@@ -47,14 +47,16 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     lv.add_argument("--connect", metavar="URI", default="qemu:///system",
                     help="libvirt URI (default qemu:///system)")
     lv.add_argument("--spool", action="store_true",
-                    help="copy the guest to a temporary file first (shorter pause)")
+                    help="copy the guest to an anonymous temporary file first, zero pages as "
+                        "holes, and convert after (shorter pause)")
     _finish(lv)
 
     q = kinds.add_parser("qmp", help="a QEMU guest through its QMP socket",
                          description="Snapshot a bare QEMU guest through its QMP socket.")
     q.add_argument("socket", metavar="SOCKET")
     q.add_argument("--spool", action="store_true",
-                   help="copy the guest to a temporary file first (shorter pause)")
+                   help="copy the guest to an anonymous temporary file first, zero pages as "
+                        "holes, and convert after (shorter pause)")
     _finish(q)
 
     r = kinds.add_parser("raw", help="raw physical memory images",
