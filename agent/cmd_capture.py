@@ -48,7 +48,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                     help="libvirt URI (default qemu:///system)")
     lv.add_argument("--spool", action="store_true",
                     help="copy the guest to an anonymous temporary file first, zero pages as "
-                        "holes, and convert after (shorter pause)")
+                         "holes, and convert after (shorter pause)")
+    lv.add_argument("--qemu-format", choices=("elf", "kdump-zlib"), default="elf",
+                    help="what QEMU writes: its ELF (default) or its kdump-zlib (QEMU "
+                         "compresses on one core: the pause is QEMU's own; implies --spool)")
     _finish(lv)
 
     q = kinds.add_parser("qmp", help="a QEMU guest through its QMP socket",
@@ -57,6 +60,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     q.add_argument("--spool", action="store_true",
                    help="copy the guest to an anonymous temporary file first, zero pages as "
                         "holes, and convert after (shorter pause)")
+    q.add_argument("--qemu-format", choices=("elf", "kdump-zlib"), default="elf",
+                   help="what QEMU writes: its ELF (default) or its kdump-zlib (QEMU "
+                        "compresses on one core: the pause is QEMU's own; implies --spool)")
     _finish(q)
 
     r = kinds.add_parser("raw", help="raw physical memory images",
@@ -98,11 +104,14 @@ def _spec(ctx: Context) -> TargetSpec:
         return spec
     if a.kind == "libvirt":
         return TargetSpec("libvirt", a.domain, f"domain {a.domain}",
-                          {"domain": a.domain, "uri": a.connect, "spool": a.spool})
+                          {"domain": a.domain, "uri": a.connect,
+                           "spool": a.spool or a.qemu_format != "elf",
+                           "dump_format": a.qemu_format})
     if a.kind == "qmp":
         base = os.path.basename(a.socket.rstrip("/")) or "qmp"
         return TargetSpec("qmp", "qmp-" + base, f"qmp {a.socket}",
-                          {"socket": a.socket, "spool": a.spool})
+                          {"socket": a.socket, "spool": a.spool or a.qemu_format != "elf",
+                           "dump_format": a.qemu_format})
     images = list(a.images)
     phys_map = None
     if a.phys_map:

@@ -69,11 +69,13 @@ def open_collector(spec: TargetSpec) -> Collector:
     if spec.type == "libvirt":
         mod = import_collector("libvirt", "kdumpling.collectors.libvirt")
         lv: Collector = mod.LibvirtCollector(p["domain"], uri=p.get("uri") or "qemu:///system",
-                                             spool=p.get("spool") or None)
+                                             spool=p.get("spool") or None,
+                                             dump_format=p.get("dump_format") or "elf")
         return lv
     if spec.type == "qmp":
         mod = import_collector("qmp", "kdumpling.collectors.qmp")
-        return mod.QmpCollector(p["socket"], spool=p.get("spool") or None)  # type: ignore[no-any-return]
+        return mod.QmpCollector(  # type: ignore[no-any-return]
+            p["socket"], spool=p.get("spool") or None, dump_format=p.get("dump_format") or "elf")
     if spec.type == "raw":
         mod = import_collector("raw", "kdumpling.collectors.raw")
         return mod.RawMemoryCollector(  # type: ignore[no-any-return]

@@ -5,7 +5,8 @@ rig (tests/guest/rig.py), dumped every way we offer and every way QEMU offers.
 1. Guest pause per capture mode, from QEMU's own STOP/RESUME event timestamps:
    QEMU's ELF into a file (``dump-guest-memory file:``), QEMU's kdump-zlib into a file, our QMP
    stream (the writer converts while QEMU writes: ELF, kdump zlib/lzo at dump level 1), our QMP
-   spool (stream to /dev/shm first, zero pages as holes, then converted: pause = copy). With ``--libvirt`` the same
+   spool (stream to /dev/shm first, zero pages as holes, then converted: pause = copy) and our
+   spool of QEMU's own kdump-zlib (``dump_format="kdump-zlib"``). With ``--libvirt`` the same
    for a libvirt domain (pause = the dump call, which libvirt brackets with pause/resume).
 2. Converting QEMU's ELF dump of that guest: ours (DumpFileCollector -> kdump zlib / lzo, dump
    level 1) against ``makedumpfile -c -d 1`` / ``-l -d 1`` on a copy with the program headers moved
@@ -101,11 +102,13 @@ def _ours_capture(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["collector"] == "qmp":
         from kdumpling.collectors.qmp import QmpCollector
 
-        collector: Any = QmpCollector(spec["target"], spool=spec.get("spool"))
+        collector: Any = QmpCollector(spec["target"], spool=spec.get("spool"),
+                                      dump_format=spec.get("dump_format", "elf"))
     else:
         from kdumpling.collectors.libvirt import LibvirtCollector
 
-        collector = LibvirtCollector(spec["target"], spool=spec.get("spool"))
+        collector = LibvirtCollector(spec["target"], spool=spec.get("spool"),
+                                     dump_format=spec.get("dump_format", "elf"))
     t0 = time.perf_counter()
     with collector as snap:
         t1 = time.perf_counter()
@@ -210,16 +213,19 @@ class Bench:
                     # kept for the conversion section: one more dump, not timed
                     _qemu_file_dump(target, str(out), fmt)
                     self.info["qemu_elf"] = str(out)
-            runs = [("stream", "elf", "none", 0), ("stream", "kdump", "zlib", 1),
-                    ("stream", "kdump", "lzo", 1), ("spool", "kdump", "zlib", 1),
-                    ("spool", "kdump", "lzo", 1)]
-            for mode, fmt, comp, level in runs:
+            runs = [("stream", "elf", "none", 0, "elf"), ("stream", "kdump", "zlib", 1, "elf"),
+                    ("stream", "kdump", "lzo", 1, "elf"), ("spool", "kdump", "zlib", 1, "elf"),
+                    ("spool", "kdump", "lzo", 1, "elf"),
+                    ("spool", "kdump", "zlib", 1, "kdump-zlib")]
+            for mode, fmt, comp, level, source in runs:
                 out = out_dir / f"ours.{fmt}"
                 name = f"ours {mode} {fmt}" + (f" {comp} -d {level}" if fmt != "elf" else "")
+                if source != "elf":
+                    name = f"ours via {source} {fmt} {comp} -d {level}"
                 self.child(section, name, {
                     "kind": "capture", "collector": kind, "target": target, "out": str(out),
                     "format": fmt, "compression": comp, "dump_level": level,
-                    "spool": str(spool) if mode == "spool" else None})
+                    "spool": str(spool) if mode == "spool" else None, "dump_format": source})
                 out.unlink(missing_ok=True)
         finally:
             shutil.rmtree(spool, ignore_errors=True)

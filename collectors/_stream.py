@@ -149,18 +149,41 @@ def image_from_stream(stream: DumpStream) -> tuple[CoreImage, list[str]]:
     return reader.image, reader.warnings
 
 
-def image_from_spool(spool_fd: int, name: str) -> tuple[CoreImage, list[str], Any]:
-    """The CoreImage of the ELF vmcore in a spool file (random access through the reader)."""
+def image_from_spool(spool_fd: int, name: str) -> tuple[CoreImage, list[str], list[str], Any]:
+    """The CoreImage of the dump in a spool file (random access through the reader), with
+    phys_base taken from VMCOREINFO as the converter does (QEMU's kdump header misparses it:
+    expected, so the fixes come apart from the warnings). Returns image, warnings, fixes and
+    the open dump (the image reads it)."""
     from kdumpling.reader import open_dump
+
+    from .convert import image_of_dump
 
     # /proc/self/fd/N opens the unlinked file again, with its own file offset.
     try:
         dump = open_dump(f"/proc/self/fd/{spool_fd}")
     except FormatError as err:
         raise FormatError(f"{name}: {err}", err.offset) from err
-    image = dump.to_image()
+    try:
+        image, meta, warnings = image_of_dump(dump)
+    except BaseException:
+        dump.close()
+        raise
     image.extra["source"] = name
-    return image, list(getattr(dump, "warnings", [])), dump
+    fixes = meta["fixes"]
+    assert isinstance(fixes, list)
+    return image, warnings, fixes, dump
+
+
+def spool_flattened(stream: DumpStream, spool_fd: int) -> int:
+    """Rebuild QEMU's flattened kdump stream (its kdump-* formats) in the spool file."""
+    from kdumpling.reader import reassemble_flattened_into
+
+    try:
+        reassemble_flattened_into(cast(BinaryIO, stream), spool_fd, "spool file")
+    except FormatError as err:
+        raise FormatError(f"{stream.name}: {err}", err.offset) from err
+    stream.drain()
+    return stream.bytes_read
 
 
 class StreamedDumpCollector:
@@ -171,8 +194,19 @@ class StreamedDumpCollector:
     resources in ``_cleanup`` around ``_end_stream`` and ``_close_spool``.
     """
 
-    def __init__(self, spool: str | None) -> None:
+    # What the hypervisor is asked to write: its ELF (read as a stream or spooled with zero
+    # pages as holes) or its kdump-zlib (QEMU compresses; a flattened stream, spooled only).
+    DUMP_FORMATS = ("elf", "kdump-zlib")
+
+    def __init__(self, spool: str | None, dump_format: str = "elf") -> None:
+        if dump_format not in self.DUMP_FORMATS:
+            raise UsageError(f"unknown guest dump format {dump_format!r}; choose one of "
+                             f"{', '.join(self.DUMP_FORMATS)}")
+        if dump_format != "elf" and spool is None:
+            raise UsageError(f"a {dump_format} capture needs a spool directory: QEMU writes it "
+                             "as a flattened stream that is rebuilt before it can be read")
         self.spool = spool
+        self.dump_format = dump_format
         self._stream: DumpStream | None = None
         self._spool_fd = -1
         self._spool_dump: Any = None
@@ -216,12 +250,18 @@ class StreamedDumpCollector:
             snap = Snapshot(image, target, meta=meta, warnings=warnings)
         else:
             t0 = time.monotonic()
-            meta["stream_bytes"], warnings = spool_sparse(self._stream, self._spool_fd)
+            if self.dump_format == "elf":
+                meta["stream_bytes"], warnings = spool_sparse(self._stream, self._spool_fd)
+            else:
+                meta["stream_bytes"], warnings = spool_flattened(self._stream, self._spool_fd), []
             meta["spool_copy_seconds"] = time.monotonic() - t0
             meta["spool_bytes"] = os.fstat(self._spool_fd).st_blocks * 512
             self._stream.close()
             pause = self._dump_finished()
-            image, spool_warnings, self._spool_dump = image_from_spool(self._spool_fd, target)
+            image, spool_warnings, fixes, self._spool_dump = image_from_spool(self._spool_fd,
+                                                                              target)
+            if fixes:
+                meta["fixes"] = "; ".join(fixes)
             snap = Snapshot(image, target, pause_seconds=pause, meta=meta,
                             warnings=warnings + spool_warnings)
         self._snapshot = snap

@@ -20,7 +20,7 @@ import os
 from types import TracebackType
 from typing import Any
 
-from kdumpling.image import DumpKind
+from kdumpling.image import CoreImage, DumpKind
 
 from .base import Snapshot
 
@@ -43,6 +43,39 @@ def vmcoreinfo_number(fields: dict[str, str], key: str) -> int | None:
             return None
 
 
+def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str]]:
+    """The image of an opened dump, with what QEMU gets wrong taken from VMCOREINFO instead.
+
+    What was corrected is listed in ``meta["fixes"]`` (not among the warnings: the caller says
+    whether a fix is news, e.g. for a file someone hands us, or expected, for QEMU's own dump).
+    """
+    image = dump.to_image()
+    fixes: list[str] = []
+    meta: dict[str, object] = {"source_format": dump.format, "fixes": fixes}
+    warnings = list(dump.warnings)
+    if image.kind is DumpKind.KERNEL:
+        fields = image.vmcoreinfo_fields
+        key = PHYS_BASE_KEY.get(image.arch.name)
+        phys_base = vmcoreinfo_number(fields, key) if key else None
+        header_base = dump.header.get("phys_base")
+        if phys_base is not None:
+            # VMCOREINFO is the kernel's own word; the header may be QEMU's misparse.
+            image.phys_base = phys_base
+            if isinstance(header_base, int) and header_base != phys_base & (2**64 - 1):
+                fixes.append(f"header phys_base {header_base:#x} replaced by "
+                             f"VMCOREINFO's {phys_base:#x}")
+        if "KERNELOFFSET" in fields:
+            try:
+                meta["kernel_offset"] = int(fields["KERNELOFFSET"], 16)
+            except ValueError:
+                warnings.append(f"VMCOREINFO KERNELOFFSET={fields['KERNELOFFSET']!r} "
+                                "is not hexadecimal")
+        if not image.vmcoreinfo:
+            warnings.append("the dump has no VMCOREINFO: crash --osrelease, drgn and "
+                            "makedumpfile will not recognise the kernel")
+    return image, meta, warnings
+
+
 class DumpFileCollector:
     """Context manager: ``with DumpFileCollector("qemu.elf") as snap: write_dump(snap.image, x)``
 
@@ -58,30 +91,11 @@ class DumpFileCollector:
 
         dump = self._dump = open_dump(self.path)
         try:
-            image = dump.to_image()
-            meta: dict[str, object] = {"collector": "convert", "source": self.path,
-                                       "source_format": dump.format}
-            warnings = list(dump.warnings)
-            if image.kind is DumpKind.KERNEL:
-                fields = image.vmcoreinfo_fields
-                key = PHYS_BASE_KEY.get(image.arch.name)
-                phys_base = vmcoreinfo_number(fields, key) if key else None
-                header_base = dump.header.get("phys_base")
-                if phys_base is not None:
-                    # VMCOREINFO is the kernel's own word; the header may be QEMU's misparse.
-                    image.phys_base = phys_base
-                    if isinstance(header_base, int) and header_base != phys_base & (2**64 - 1):
-                        warnings.append(f"header phys_base {header_base:#x} replaced by "
-                                        f"VMCOREINFO's {phys_base:#x}")
-                if "KERNELOFFSET" in fields:
-                    try:
-                        meta["kernel_offset"] = int(fields["KERNELOFFSET"], 16)
-                    except ValueError:
-                        warnings.append(f"VMCOREINFO KERNELOFFSET={fields['KERNELOFFSET']!r} "
-                                        "is not hexadecimal")
-                if not image.vmcoreinfo:
-                    warnings.append("the dump has no VMCOREINFO: crash --osrelease, drgn and "
-                                    "makedumpfile will not recognise the kernel")
+            image, meta, warnings = image_of_dump(dump)
+            fixes = meta.pop("fixes")
+            assert isinstance(fixes, list)
+            warnings += fixes  # a file someone hands us: say what in it was wrong
+            meta = {"collector": "convert", "source": self.path, **meta}
             return Snapshot(image, f"{dump.format} dump {self.path}", warnings=warnings,
                             meta=meta)
         except BaseException:

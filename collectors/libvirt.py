@@ -14,7 +14,8 @@ Facts that shape the code (measured with libvirt 9.0 / QEMU 7.2, see the project
   for the first data (a FIFO reader that never had a writer gets no POLLHUP).
 * The guest stays paused until the last byte is read (stream mode: pause = conversion time);
   ``spool=DIR`` copies the stream to an anonymous file first, zero pages as holes (pause = the
-  time to read the stream), and converts from there.
+  time to read the stream), and converts from there. ``dump_format="kdump-zlib"`` asks libvirt
+  for QEMU's compressed dump instead (spool only): the pause is libvirt's own kdump-zlib dump.
 * Closing the read end early makes the iohelper die of SIGPIPE; libvirt fails the call and
   resumes the guest. ``abortJob()`` is the polite way.
 
@@ -104,8 +105,9 @@ class LibvirtCollector(StreamedDumpCollector):
 
     def __init__(self, domain: str, uri: str = "qemu:///system", spool: str | None = None, *,
                  progress: Callable[[int, int], None] | None = None,
-                 memory_only: bool = True, start_timeout: float = 120.0) -> None:
-        super().__init__(spool)
+                 memory_only: bool = True, start_timeout: float = 120.0,
+                 dump_format: str = "elf") -> None:
+        super().__init__(spool, dump_format)
         self.domain_name = domain
         self.uri = uri
         self.progress = progress
@@ -158,7 +160,8 @@ class LibvirtCollector(StreamedDumpCollector):
         self._stream = DumpStream(rfd, f"libvirt dump of {self.domain_name}")
 
         flags = lv.VIR_DUMP_MEMORY_ONLY if self.memory_only else 0
-        fmt = lv.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW
+        fmt = (lv.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW if self.dump_format == "elf"
+               else lv.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_ZLIB)
         self._thread = threading.Thread(target=self._call, args=(fmt, flags), daemon=True,
                                         name="kdumpling-libvirt-dump")
         self._thread.start()
@@ -169,7 +172,8 @@ class LibvirtCollector(StreamedDumpCollector):
 
         meta: dict[str, object] = {"collector": "libvirt", "uri": self.uri, "domain": dom.name(),
                                    "uuid": dom.UUIDString(),
-                                   "mode": "spool" if self.spool else "stream"}
+                                   "mode": "spool" if self.spool else "stream",
+                                   "dump_format": self.dump_format}
         snap = self._read_dump(f"libvirt domain {dom.name()} ({self.uri})", meta)
         if not self._was_running:
             snap.warnings.append("the domain was already paused")

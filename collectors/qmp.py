@@ -16,6 +16,9 @@ vm_start). Two modes:
 * spool (``spool=DIR``): the stream is copied into an anonymous file in DIR first, zero pages left
   as holes (pause = reading the stream), then converted from there while the guest runs; the
   spool file never has a name, so it is gone when the collector exits, however it exits.
+  With ``dump_format="kdump-zlib"`` QEMU compresses (zero pages excluded) and the spool holds
+  its rebuilt flattened kdump: the pause is exactly QEMU's own kdump-zlib dump, and the spool
+  only the compressed size.
 
 The guest's pause is measured from QEMU's own STOP/RESUME event timestamps.
 """
@@ -55,8 +58,9 @@ class QmpCollector(StreamedDumpCollector):
 
     def __init__(self, socket_path: str | os.PathLike[str], *, spool: str | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 pipe_size: int = PIPE_SIZE, timeout: float = 60.0) -> None:
-        super().__init__(spool)
+                 pipe_size: int = PIPE_SIZE, timeout: float = 60.0,
+                 dump_format: str = "elf") -> None:
+        super().__init__(spool, dump_format)
         self.socket_path = os.fspath(socket_path)
         self.progress = progress
         self.pipe_size = pipe_size
@@ -98,7 +102,8 @@ class QmpCollector(StreamedDumpCollector):
         self._started = time.monotonic()
         try:
             client.execute("dump-guest-memory", {
-                "paging": False, "protocol": f"fd:{fdname}", "format": "elf", "detach": True,
+                "paging": False, "protocol": f"fd:{fdname}", "format": self.dump_format,
+                "detach": True,
             })
         except QmpError as err:
             # A refused command leaves the descriptor registered in QEMU (and our pipe without
@@ -113,6 +118,7 @@ class QmpCollector(StreamedDumpCollector):
         meta: dict[str, object] = {
             "collector": "qmp", "socket": self.socket_path, "mode": "spool" if self.spool
             else "stream", "pipe_size": effective_pipe, "qemu_version": client.version,
+            "dump_format": self.dump_format,
         }
         snap = self._read_dump(f"QEMU guest at {self.socket_path}", meta)
         if not self._was_running:

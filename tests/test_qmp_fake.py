@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from kdumpling import write_dump
 from kdumpling.collectors.qmp import DumpFailedError, QmpCollector
-from kdumpling.errors import CaptureInterrupted, TargetGoneError
+from kdumpling.errors import CaptureInterrupted, TargetGoneError, UsageError
 
 from tests import testdumps as td
 from tests.readers import kdumpfile_module, lkf_open
@@ -215,6 +215,14 @@ def test_spool_then_convert(fake: FakeQemu, machine: td.Machine, tmp_path: Path)
         write_dump(snap.image, out, format="elf")
     assert os.listdir(spool) == []
     _read_back(out, machine)
+
+
+def test_dump_format_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    sock = str(tmp_path / "nobody-listens.sock")
+    with pytest.raises(UsageError, match="needs a spool directory"):
+        QmpCollector(sock, dump_format="kdump-zlib")
+    with pytest.raises(UsageError, match="unknown guest dump format"):
+        QmpCollector(sock, spool=str(tmp_path), dump_format="kdump-lzo")
 
 
 @pytest.mark.parametrize("fake", [{"refuse": "kdump-lzo is not available now"}],

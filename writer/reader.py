@@ -1397,32 +1397,11 @@ def reassemble_flattened(src: BinaryIO | int, dst_path: str | os.PathLike[str]) 
     never through a symlink) and renamed into place; on failure it is removed. Returns the size
     of the file written.
     """
-    reader = _StreamIn(src)
     dst = os.fspath(dst_path)
     tmp = dst + ".incomplete"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        head = reader.read_exact(FLAT_HEADER_SIZE)
-        if head[:16].rstrip(b"\0") != FLAT_SIGNATURE:
-            raise FormatError(f"not a flattened dump (starts with {head[:12]!r})", 0)
-        _check_flat_header(head, "<stream>")
-        size = 0
-        while True:
-            pos = reader.pos
-            rec = reader.read_exact(FLAT_RECORD.size, what="record header")
-            offset, length = FLAT_RECORD.unpack(rec)
-            if offset == -1 and length == -1:
-                break
-            if offset < 0 or length < 0:
-                raise FormatError(f"flattened record with offset {offset} and size {length}", pos)
-            while length:
-                part = reader.read_exact(min(length, _COPY), what="record data")
-                _pwrite_all(fd, part, offset, dst)
-                offset += len(part)
-                length -= len(part)
-                size = max(size, offset)
-        if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
+        size = reassemble_flattened_into(src, fd, dst)
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -1434,6 +1413,36 @@ def reassemble_flattened(src: BinaryIO | int, dst_path: str | os.PathLike[str]) 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def reassemble_flattened_into(src: BinaryIO | int, fd: int, name: str = "<file>") -> int:
+    """Apply a flattened stream's records to the open file ``fd``; returns the file's size.
+
+    Reads up to the end marker (makedumpfile.h END_FLAG_FLAT_HEADER), not further.
+    """
+    reader = _StreamIn(src)
+    head = reader.read_exact(FLAT_HEADER_SIZE)
+    if head[:16].rstrip(b"\0") != FLAT_SIGNATURE:
+        raise FormatError(f"not a flattened dump (starts with {head[:12]!r})", 0)
+    _check_flat_header(head, "<stream>")
+    size = 0
+    while True:
+        pos = reader.pos
+        rec = reader.read_exact(FLAT_RECORD.size, what="record header")
+        offset, length = FLAT_RECORD.unpack(rec)
+        if offset == -1 and length == -1:
+            break
+        if offset < 0 or length < 0:
+            raise FormatError(f"flattened record with offset {offset} and size {length}", pos)
+        while length:
+            part = reader.read_exact(min(length, _COPY), what="record data")
+            _pwrite_all(fd, part, offset, name)
+            offset += len(part)
+            length -= len(part)
+            size = max(size, offset)
+    if os.fstat(fd).st_size < size:
+        os.ftruncate(fd, size)
+    return size
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int, name: str) -> None:

@@ -30,11 +30,13 @@ def _verify(out_dir: Path, ident: str, store: Path) -> dict[str, object]:
     return result  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("extra", [[], ["--spool", "--qemu-format", "kdump-zlib"]],
+                         ids=["stream", "spool-qemu-kdump-zlib"])
 def test_agent_capture_qmp(qemu_guest: rig.QemuGuest, qemu_expect: Expect,
-                           out_dir: Path) -> None:
+                           out_dir: Path, extra: list[str]) -> None:
     store = out_dir / "store"
     proc = run_agent(["capture", "qmp", str(qemu_guest.qmp_path), "-o", f"{store}/", "--json",
-                      "--annotate", "case=qmp"], out_dir)
+                      "--annotate", "case=qmp", *extra], out_dir)
     assert proc.returncode == 0, proc.stderr
     r = json_out(proc)
     assert r["kind"] == "kernel" and r["format"] == "kdump" and r["codec"] == "zlib"

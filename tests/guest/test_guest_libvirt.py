@@ -80,6 +80,23 @@ def test_libvirt_by_uuid_spool(libvirt_guest: rig.LibvirtGuest, libvirt_expect: 
     assert_readers_agree(out, libvirt_expect, "kdump", "zstd", out_dir)
 
 
+def test_libvirt_spool_via_kdump_zlib(libvirt_guest: rig.LibvirtGuest, libvirt_expect: Expect,
+                                      out_dir: Path) -> None:
+    """libvirt's own kdump-zlib (QEMU compresses), rebuilt in the spool and converted."""
+    spool = out_dir / "spool-kz"
+    spool.mkdir()
+    out = out_dir / "dump-via-kz.kdump"
+    with LibvirtCollector(libvirt_guest.name, uri=libvirt_guest.uri, spool=str(spool),
+                          dump_format="kdump-zlib") as snap:
+        assert _running(libvirt_guest)
+        assert snap.meta["dump_format"] == "kdump-zlib"
+        assert 0 < int(snap.meta["stream_bytes"]) < (libvirt_guest.mem_mb << 20) // 4
+        write_dump(snap.image, out, format="kdump", compression="zlib")
+    assert snap.pause_seconds is not None and snap.pause_seconds > 0
+    assert os.listdir(spool) == []
+    assert_readers_agree(out, libvirt_expect, "kdump", "zlib", out_dir)
+
+
 def test_libvirt_abort(libvirt_guest: rig.LibvirtGuest, out_dir: Path) -> None:
     before = _our_leftovers()
     out = out_dir / "dump.kdump"
