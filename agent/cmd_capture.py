@@ -46,23 +46,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     lv.add_argument("domain", metavar="DOMAIN")
     lv.add_argument("--connect", metavar="URI", default="qemu:///system",
                     help="libvirt URI (default qemu:///system)")
-    lv.add_argument("--spool", action="store_true",
-                    help="copy the guest to an anonymous temporary file first, zero pages as "
-                         "holes, and convert after (shorter pause)")
-    lv.add_argument("--qemu-format", choices=("elf", "kdump-zlib"), default="elf",
-                    help="what QEMU writes: its ELF (default) or its kdump-zlib (QEMU "
-                         "compresses on one core: the pause is QEMU's own; implies --spool)")
+    _guest_options(lv)
     _finish(lv)
 
     q = kinds.add_parser("qmp", help="a QEMU guest through its QMP socket",
                          description="Snapshot a bare QEMU guest through its QMP socket.")
     q.add_argument("socket", metavar="SOCKET")
-    q.add_argument("--spool", action="store_true",
-                   help="copy the guest to an anonymous temporary file first, zero pages as "
-                        "holes, and convert after (shorter pause)")
-    q.add_argument("--qemu-format", choices=("elf", "kdump-zlib"), default="elf",
-                   help="what QEMU writes: its ELF (default) or its kdump-zlib (QEMU "
-                        "compresses on one core: the pause is QEMU's own; implies --spool)")
+    _guest_options(q)
     _finish(q)
 
     r = kinds.add_parser("raw", help="raw physical memory images",
@@ -77,6 +67,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                     help="VMCOREINFO's physical address and size inside the images")
     r.add_argument("--arch", default="x86_64", help="architecture (default x86_64)")
     _finish(r)
+
+
+def _guest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spool", action="store_true",
+                   help="copy the guest to an anonymous temporary file first, zero pages as "
+                        "holes, and convert after (shorter pause)")
+    p.add_argument("--qemu-format", choices=("elf", "kdump-zlib"), default="elf",
+                   help="what QEMU writes: its ELF (default) or its kdump-zlib (QEMU "
+                        "compresses on one core: the pause is QEMU's own; implies --spool)")
 
 
 def _finish(p: argparse.ArgumentParser) -> None:
