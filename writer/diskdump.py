@@ -206,7 +206,9 @@ def write_kdump(
         zeros = zero_page_flags(data, page) if exclude_zero else [False] * count
         sizes = [0] * count  # >0 compressed size, -page raw, 0 zero page
         keep = [i for i in range(count) if not zeros[i]]
-        raw = [bytes(data[i * page : (i + 1) * page]) for i in keep]
+        # One copy per page: slicing a bytearray directly would copy twice (slice, then bytes).
+        view = data if isinstance(data, bytes) else memoryview(data)
+        raw = [bytes(view[i * page : (i + 1) * page]) for i in keep]
         if comp is None:
             for i in keep:
                 sizes[i] = -page
