@@ -117,6 +117,11 @@ EXTENSIONS = {("elf", DumpKind.PROCESS): "core", ("elf", DumpKind.KERNEL): "vmco
               ("kdump-flat", DumpKind.KERNEL): "kdump-flat"}
 
 
+# What a target type captures, known before the collector runs (a converted file can be either).
+KIND_OF_TYPE = {"process": DumpKind.PROCESS, "libvirt": DumpKind.KERNEL, "qmp": DumpKind.KERNEL,
+                "raw": DumpKind.KERNEL}
+
+
 def choose_format(opts: WriteOptions, kind: DumpKind, streaming: bool) -> OutputFormat:
     if opts.format != "auto":
         return OutputFormat.parse(opts.format)
@@ -285,37 +290,50 @@ def _capture_once(spec: TargetSpec, dest: Destination, settings: CaptureSettings
     store = dest.store
     res = None
     hasher: HashingWriter | None = None
-    with collector as snap:
-        image, annotations = with_annotations(snap.image, settings.annotations)
-        streaming = dest.stream is not None
-        fmt = choose_format(opts, image.kind, streaming)
-        ctype = choose_compression(opts, fmt)
-        level = opts.compression_level if opts.compression_level is not None else 1
-        dump_level = opts.dump_level if opts.dump_level is not None else 1
-        output: str | BinaryIO
-        if store is not None:
-            ext = EXTENSIONS[(fmt.value, image.kind)]
-            res = store.reserve(spec.key, ext, {"target": spec.label, "type": spec.type},
-                                when=started)
-            output = res.path
-        elif dest.path is not None:
-            if os.path.lexists(dest.path) and not dest.force:
-                raise UsageError(f"{dest.path} exists; use --force to replace it")
-            output = dest.path
-        else:
-            assert dest.stream is not None
-            hasher = HashingWriter(dest.stream)
-            output = hasher  # type: ignore[assignment]
-        try:
+
+    def reserve(kind: DumpKind) -> Any:
+        assert store is not None
+        ext = EXTENSIONS[(choose_format(opts, kind, False).value, kind)]
+        return store.reserve(spec.key, ext, {"target": spec.label, "type": spec.type},
+                             when=started)
+
+    try:
+        kind_hint = KIND_OF_TYPE.get(spec.type)
+        if store is not None and kind_hint is not None:
+            # Reserved before the collector stops the target: the sidecar's fsyncs stay out of
+            # the target's pause.
+            res = reserve(kind_hint)
+        with collector as snap:
+            image, annotations = with_annotations(snap.image, settings.annotations)
+            streaming = dest.stream is not None
+            fmt = choose_format(opts, image.kind, streaming)
+            ctype = choose_compression(opts, fmt)
+            level = opts.compression_level if opts.compression_level is not None else 1
+            dump_level = opts.dump_level if opts.dump_level is not None else 1
+            output: str | BinaryIO
+            if store is not None:
+                if res is None or kind_hint is not image.kind:
+                    if res is not None:
+                        store.abandon(res)
+                    res = reserve(image.kind)
+                output = res.path
+            elif dest.path is not None:
+                if os.path.lexists(dest.path) and not dest.force:
+                    raise UsageError(f"{dest.path} exists; use --force to replace it")
+                output = dest.path
+            else:
+                assert dest.stream is not None
+                hasher = HashingWriter(dest.stream)
+                output = hasher  # type: ignore[assignment]
             w0 = time.monotonic()
             wr = write_dump(image, output, format=fmt, compression=ctype,
                             compression_level=level, dump_level=dump_level,
                             threads=opts.threads, progress=progress)
             write_seconds = time.monotonic() - w0
-        except BaseException:
-            if res is not None and store is not None:
-                store.abandon(res)
-            raise
+    except BaseException:
+        if res is not None and store is not None:
+            store.abandon(res)
+        raise
     # The target is released here (collectors know the pause only now); hashing the file does
     # not keep it paused.
     facts = _snapshot_facts(snap)
