@@ -296,14 +296,19 @@ def _target(name: str, table: Any, where: str) -> TargetConfig:
         params["mode"] = c.string("mode", None, ("consistent", "low-pause"))
         params["filter"] = c.integer("filter", 0, 0x1FF)
         params["size_cap"] = c.size("size_cap")
-    elif kind == "libvirt":
-        params["domain"] = c.string("domain", name)
-        params["uri"] = c.string("uri", "qemu:///system")
     else:
-        sock = c.string("socket")
-        if not sock:
-            raise c.fail("socket", "missing; the QMP socket path of the guest")
-        params["socket"] = sock
+        if kind == "libvirt":
+            params["domain"] = c.string("domain", name)
+            params["uri"] = c.string("uri", "qemu:///system")
+        else:
+            sock = c.string("socket")
+            if not sock:
+                raise c.fail("socket", "missing; the QMP socket path of the guest")
+            params["socket"] = sock
+        # Guests: spool into the store's file system first (shorter pause), and what QEMU
+        # writes (kdump-zlib implies the spool), as the CLI's --spool and --qemu-format.
+        params["dump_format"] = c.string("qemu_format", "elf", ("elf", "kdump-zlib"))
+        params["spool"] = c.boolean("spool", False) or params["dump_format"] != "elf"
     keep = c.integer("keep", 0, 1_000_000)
     target = TargetConfig(
         name=name, type=kind, schedule=schedule, params=params,

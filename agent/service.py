@@ -260,7 +260,7 @@ class Service:
         try:
             store = Store(self._store_dir, create=True)
             try:
-                spec = spec_from_config(t, spool=None)
+                spec = spec_from_config(t, spool=self._store_dir)
                 record = capture(spec, Destination(store=store), settings)
             finally:
                 store.close()

@@ -88,9 +88,12 @@ def open_collector(spec: TargetSpec) -> Collector:
 
 
 def spec_from_config(t: TargetConfig, spool: str | None = None) -> TargetSpec:
+    """``spool``: the directory for targets configured with ``spool = true``."""
     params = dict(t.params)
-    if spool:
+    if params.get("spool") is True and spool:
         params["spool"] = spool
+    else:
+        params.pop("spool", None)
     if t.type == "process":
         label = _process_label(params)
     elif t.type == "libvirt":

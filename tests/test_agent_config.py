@@ -108,6 +108,9 @@ def test_dropins_merge_in_lexical_order(tmp_path: Path) -> None:
     ('[targets.a]\ntype = "process"\npid = 1\ninterval = "1s"\ncalendar = "daily"\n',
      "targets.a.interval"),
     ('[targets.a]\ntype = "qmp"\ninterval = "1s"\n', "targets.a.socket"),
+    ('[targets.a]\ntype = "qmp"\nsocket = "/s"\ninterval = "1s"\nqemu_format = "kdump-lzo"\n',
+     "targets.a.qemu_format"),
+    ('[targets.a]\ntype = "libvirt"\ninterval = "1s"\nspool = "yes"\n', "targets.a.spool"),
     ('[targets.a]\ntype = "vmware"\ninterval = "1s"\n', "targets.a.type"),
     ('[targets.a]\ntype = "process"\npid = 1\ncalendar = "*-*-~1"\n', "targets.a.calendar"),
     ('[output]\nformat = "zip"\n', "output.format"),
@@ -124,6 +127,20 @@ def test_invalid_config_names_the_key(tmp_path: Path, toml: str, key: str) -> No
         load_config(str(path))
     assert f"{path}: {key}" in str(err.value)
     assert err.value.exit_code == 78
+
+
+def test_guest_spool_and_qemu_format(tmp_path: Path) -> None:
+    from kdumpling.agent.targets import spec_from_config
+
+    path = _write(tmp_path / "agent.toml",
+                  '[targets.a]\ntype = "qmp"\nsocket = "/s"\ninterval = "1h"\n'
+                  '[targets.b]\ntype = "libvirt"\ninterval = "1h"\nqemu_format = "kdump-zlib"\n'
+                  '[targets.c]\ntype = "libvirt"\ninterval = "1h"\nspool = true\n')
+    t = {x.name: x for x in load_config(str(path)).targets}
+    assert "spool" not in spec_from_config(t["a"], spool="/store").params
+    b = spec_from_config(t["b"], spool="/store").params  # kdump-zlib implies the spool
+    assert b["spool"] == "/store" and b["dump_format"] == "kdump-zlib"
+    assert spec_from_config(t["c"], spool="/store").params["spool"] == "/store"
 
 
 def test_defaults_like_coredump_conf() -> None:

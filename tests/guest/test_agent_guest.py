@@ -76,14 +76,20 @@ def test_agent_service_once_with_guest_targets(qemu_guest: rig.QemuGuest,
         f'[output]\ndirectory = "{store}"\ncompression = "lzo"\n'
         "[retention]\nkeep = 0\nmax_use = 0\nkeep_free = 0\n"
         f'[targets.bare]\ntype = "qmp"\nsocket = "{qemu_guest.qmp_path}"\ninterval = "1h"\n'
+        "spool = true\n"
         f'[targets.lv]\ntype = "libvirt"\ndomain = "{libvirt_guest.name}"\n'
-        f'uri = "{libvirt_guest.uri}"\ncalendar = "daily"\nformat = "elf"\n')
+        f'uri = "{libvirt_guest.uri}"\ncalendar = "daily"\nformat = "elf"\n'
+        'qemu_format = "kdump-zlib"\n')
     proc = run_agent(["service", "--once", "--config", str(cfg)], out_dir)
     assert proc.returncode == 0, proc.stderr
     records = {json.loads(p.read_text())["target_key"]: json.loads(p.read_text())
                for p in store.glob("*.json")}
     assert set(records) == {"bare", "lv"}
     assert records["bare"]["codec"] == "lzo" and records["lv"]["format"] == "elf"
+    assert records["bare"]["meta"]["mode"] == "spool"
+    assert records["lv"]["meta"]["mode"] == "spool"
+    assert records["lv"]["meta"]["dump_format"] == "kdump-zlib"
+    assert not [p for p in store.iterdir() if p.name.startswith(".kdumpling-spool")]
     for rec in records.values():
         _verify(out_dir, str(rec["id"]), store)
     assert "capture target=bare result=ok" in proc.stderr
