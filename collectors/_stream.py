@@ -1,9 +1,11 @@
-"""Pieces shared by the guest collectors (QMP, libvirt): the dump stream and the spool file.
+"""What the guest collectors (QMP, libvirt) share: the dump stream, the spool file, and the
+collector skeleton around them.
 
 QEMU writes its ELF dump front to back with plain write() calls and never seeks, into a pipe
 (QMP getfd) or a FIFO (libvirt's iohelper). The guest stays paused until the last byte has been
 read, so the stream is either converted on the fly (pause = conversion time, no copy on disk) or
-first spooled to fast storage (pause = copy time) and converted afterwards.
+first spooled (pause = reading the stream; zero pages stay holes) and converted afterwards.
+QEMU's own kdump-zlib arrives as a flattened stream and is always spooled (rebuilt) first.
 """
 
 from __future__ import annotations

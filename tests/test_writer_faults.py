@@ -195,6 +195,14 @@ def test_elf_to_an_open_file_keeps_zero_pages_as_holes(tmp_path: str) -> None:
     assert prog.read(0x9000000, len(data), True) == data
     assert prog.read(0x1000000 + (32 << 20), 4096, True) == bytes(4096)
 
+    # A file with old data in it: every byte written, so no old data shows through a hole.
+    reused = os.path.join(tmp_path, "reused.elf")
+    with open(reused, "wb") as f:
+        f.write(b"\xee" * (80 << 20))
+    with open(reused, "r+b") as f:
+        write_dump(b.to_image(), f, format="elf", dump_level=1)
+    assert drgn_program(reused).read(0x1000000 + (32 << 20), 4096, True) == bytes(4096)
+
     # Not at its start (something before the dump): written sequentially after it.
     prefixed = os.path.join(tmp_path, "prefixed")
     with open(prefixed, "wb") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,13 +129,17 @@ def _stream_sink(stream: BinaryIO, fmt: OutputFormat) -> Sink:
     try:
         seekable = stream.seekable()
         fd = stream.fileno()
-        at_start = seekable and stream.tell() == 0
+        # Holes and positioned writes only in an empty regular file: anywhere else a hole would
+        # leave old data behind (a block device, a file opened without truncation).
+        st = os.fstat(fd)
+        at_start = (seekable and stream.tell() == 0 and stat.S_ISREG(st.st_mode)
+                    and st.st_size == 0)
     except (OSError, AttributeError, ValueError):
         seekable = at_start = False
     if fmt is OutputFormat.ELF:
         if at_start:
-            # A regular file from its start: positioned writes, zero pages as holes, and
-            # copy_file_range, as for a path. The stream's position is moved to the end after.
+            # As for a path: positioned writes, zero pages as holes, copy_file_range. The
+            # stream's position is moved to the end after.
             stream.flush()
             return FileSink(fd, name)
         return StreamSink(stream, name)
