@@ -90,7 +90,8 @@ def isal_zlib_batch(compress: Callable[[bytes, int], bytes], level: int,
     return batch
 
 
-def _import(codec: str, module: str, extra: str) -> ModuleType:
+def import_codec_module(codec: str, module: str, extra: str) -> ModuleType:
+    """The module behind a codec, or the error that names the extra to install."""
     import importlib
 
     try:
@@ -142,18 +143,18 @@ class PageCodec:
             batch = isal_zlib_batch(isal_zlib.compress, ilevel, self.page_size)
             return lambda: batch
         if self.type == CompressionType.LZO:
-            lzo = _import("lzo", "lzo", "lzo")
+            lzo = import_codec_module("lzo", "lzo", "lzo")
             # header=False: readers call lzo1x_decompress_safe on the bare stream. Level 1 is
             # LZO1X-1 (what makedumpfile writes), higher levels LZO1X-999.
             lzo_level = 1 if level <= 1 else 9
             return lambda: (lambda pages: list(
                 map(lzo.compress, pages, repeat(lzo_level), repeat(False))))
         if self.type == CompressionType.SNAPPY:
-            cramjam = _import("snappy", "cramjam", "snappy")
+            cramjam = import_codec_module("snappy", "cramjam", "snappy")
             raw = cramjam.snappy.compress_raw  # raw block, not the framed format
             return lambda: (lambda pages: list(map(raw, pages)))
         if self.type == CompressionType.ZSTD:
-            zstandard = _import("zstd", "zstandard", "zstd")
+            zstandard = import_codec_module("zstd", "zstandard", "zstd")
 
             def make() -> BatchCompressor:
                 # One compressor per thread: sharing one crashed the process (codec-speed.md).

@@ -28,7 +28,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import BinaryIO
 
 from .arch import ARCHITECTURES, ArchInfo, arch_from_machine
@@ -39,6 +39,7 @@ from .codecs import (
     DUMP_DH_COMPRESSED_ZLIB,
     DUMP_DH_COMPRESSED_ZSTD,
     DUMP_DH_EXCLUDED_VMEMMAP,
+    import_codec_module,
 )
 from .diskdump import DISK_DUMP_HEADER, KDUMP_SIGNATURE, KDUMP_SUB_HEADER, PAGE_DESC
 from .elf import (
@@ -59,7 +60,6 @@ from .elf import (
     SHDR_SIZE,
 )
 from .errors import (
-    CodecUnavailableError,
     FormatError,
     SourceReadError,
     UnsupportedArchError,
@@ -301,15 +301,6 @@ def _paint(records: list[int], starts: array[int], ends: array[int], srcs: array
 # --- codecs ------------------------------------------------------------------------------------
 
 
-def _module(codec: str, name: str, extra: str) -> ModuleType:
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise CodecUnavailableError(codec, name, extra) from None
-
-
 class _Decompressor:
     """Decodes one stored page; per-page flags decide (zlib -> lzo -> snappy -> zstd, first set
     bit wins, 0 = raw), as makedumpfile readpage_kdump_compressed and libkdumpfile
@@ -347,13 +338,13 @@ class _Decompressor:
             if not obj.eof and len(out) <= size:
                 raise ValueError("zlib: truncated stream")
         elif codec == "lzo":
-            lzo = _module("lzo", "lzo", "lzo")
+            lzo = import_codec_module("lzo", "lzo", "lzo")
             try:
                 out = lzo.decompress(data, False, size)
             except lzo.error as err:
                 raise ValueError(f"lzo: {err}") from None
         elif codec == "snappy":
-            snappy = _module("snappy", "cramjam", "snappy").snappy
+            snappy = import_codec_module("snappy", "cramjam", "snappy").snappy
             try:
                 claimed = snappy.decompress_raw_len(data)
                 if claimed != size:
@@ -364,7 +355,7 @@ class _Decompressor:
             except Exception as err:  # cramjam.DecompressionError has no stable import path
                 raise ValueError(f"snappy: {err}") from None
         else:
-            zstandard = _module("zstd", "zstandard", "zstd")
+            zstandard = import_codec_module("zstd", "zstandard", "zstd")
             dctx = getattr(self._local, "zstd", None)
             if dctx is None:
                 dctx = self._local.zstd = zstandard.ZstdDecompressor()
