@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -36,10 +37,11 @@ RESUME_TS = (1700000001, 500000)  # the guest was paused 1.25 s, by QEMU's clock
 
 class FakeQemu(threading.Thread):
     def __init__(self, path: Path, payload: bytes, *, refuse: str | None = None,
-                 chunk: int = 4096, greet: bool = True) -> None:
+                 chunk: int = 4096, greet: bool = True, delay: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.path, self.payload, self.refuse, self.chunk, self.greet = (
             path, payload, refuse, chunk, greet)
+        self.delay = delay  # seconds between two writes: a slow guest
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(str(path))
         self.srv.listen(4)
@@ -54,7 +56,8 @@ class FakeQemu(threading.Thread):
         self.writer: threading.Thread | None = None
 
     def send(self, conn: socket.socket, msg: dict[str, Any]) -> None:
-        with self.send_lock:
+        # A client that gave up (an aborted capture) may be gone before the last events.
+        with self.send_lock, contextlib.suppress(OSError):
             conn.sendall(json.dumps(msg).encode() + b"\n")
 
     def event(self, conn: socket.socket, name: str, ts: tuple[int, int],
@@ -121,6 +124,8 @@ class FakeQemu(threading.Thread):
             view = memoryview(self.payload)
             while self.written < len(view):
                 self.written += os.write(fd, view[self.written : self.written + self.chunk])
+                if self.delay:
+                    time.sleep(self.delay)
         except OSError as err:
             self.write_error = os.strerror(err.errno or 0)
         finally:
@@ -249,6 +254,23 @@ def test_abort_breaks_the_pipe(fake: FakeQemu, tmp_path: Path) -> None:
     assert fake.write_error == os.strerror(32)  # EPIPE: QEMU fails the dump, resumes the guest
     assert fake.written < len(fake.payload)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fake", [{"chunk": 4096, "delay": 0.002}], indirect=True)
+def test_abort_during_the_spool_copy(fake: FakeQemu, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    collector = QmpCollector(fake.path, spool=str(spool), pipe_size=4096)
+    timer = threading.Timer(0.2, collector.abort)
+    timer.start()
+    try:
+        with pytest.raises(CaptureInterrupted), collector:
+            pass
+    finally:
+        timer.cancel()
+    assert fake.write_error == os.strerror(32)  # EPIPE: QEMU fails the dump, resumes the guest
+    assert 0 < fake.written < len(fake.payload)
+    assert os.listdir(spool) == []
 
 
 @pytest.mark.parametrize("fake", [{"greet": False}], indirect=True)
