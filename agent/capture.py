@@ -36,7 +36,7 @@ from kdumpling.notes import (
 
 from .config import RetentionConfig
 from .log import get_logger
-from .store import Record, Store, iso_time
+from .store import Record, Reservation, Store, iso_time
 from .targets import Opener, TargetSpec, open_collector
 
 Progress = Callable[[int, int], None]
@@ -291,7 +291,7 @@ def _capture_once(spec: TargetSpec, dest: Destination, settings: CaptureSettings
     res = None
     hasher: HashingWriter | None = None
 
-    def reserve(kind: DumpKind) -> Any:
+    def reserve(kind: DumpKind) -> Reservation:
         assert store is not None
         ext = EXTENSIONS[(choose_format(opts, kind, False).value, kind)]
         return store.reserve(spec.key, ext, {"target": spec.label, "type": spec.type},
