@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from kdumpling.collectors.base import GUEST_DUMP_FORMATS
 from kdumpling.errors import UsageError
 
 from .capture import CaptureSettings, Destination, capture
@@ -73,7 +74,7 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spool", action="store_true",
                    help="copy the guest to an anonymous temporary file first, zero pages as "
                         "holes, and convert after (shorter pause)")
-    p.add_argument("--qemu-format", choices=("elf", "kdump-zlib"), default="elf",
+    p.add_argument("--qemu-format", choices=GUEST_DUMP_FORMATS, default="elf",
                    help="what QEMU writes: its ELF (default) or its kdump-zlib (QEMU "
                         "compresses on one core: the pause is QEMU's own; implies --spool)")
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdumpling.collectors.base import GUEST_DUMP_FORMATS
 from kdumpling.errors import ConfigError
 
 from .calendar import CalendarSpec, parse_calendar
@@ -307,7 +308,7 @@ def _target(name: str, table: Any, where: str) -> TargetConfig:
             params["socket"] = sock
         # Guests: spool into the store's file system first (shorter pause), and what QEMU
         # writes (kdump-zlib implies the spool), as the CLI's --spool and --qemu-format.
-        params["dump_format"] = c.string("qemu_format", "elf", ("elf", "kdump-zlib"))
+        params["dump_format"] = c.string("qemu_format", "elf", GUEST_DUMP_FORMATS)
         params["spool"] = c.boolean("spool", False) or params["dump_format"] != "elf"
     keep = c.integer("keep", 0, 1_000_000)
     target = TargetConfig(

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, cast
 from kdumpling.errors import CaptureInterrupted, DumpWriteError, FormatError, UsageError
 from kdumpling.image import CoreImage
 
-from .base import Snapshot
+from .base import GUEST_DUMP_FORMATS, Snapshot
 
 
 class DumpStream(io.RawIOBase):
@@ -166,18 +166,17 @@ def image_from_spool(spool_fd: int, name: str) -> tuple[CoreImage, list[str], li
     except FormatError as err:
         raise FormatError(f"{name}: {err}", err.offset) from err
     try:
-        image, meta, warnings = image_of_dump(dump)
+        image, _meta, warnings, fixes = image_of_dump(dump)
     except BaseException:
         dump.close()
         raise
     image.extra["source"] = name
-    fixes = meta["fixes"]
-    assert isinstance(fixes, list)
     return image, warnings, fixes, dump
 
 
-def spool_flattened(stream: DumpStream, spool_fd: int) -> int:
-    """Rebuild QEMU's flattened kdump stream (its kdump-* formats) in the spool file."""
+def spool_flattened(stream: DumpStream, spool_fd: int) -> tuple[int, list[str]]:
+    """Rebuild QEMU's flattened kdump stream (its kdump-* formats) in the spool file; returns
+    the bytes read and warnings (none: the rebuilt file is read and checked afterwards)."""
     from kdumpling.reader import reassemble_flattened_into
 
     try:
@@ -185,7 +184,7 @@ def spool_flattened(stream: DumpStream, spool_fd: int) -> int:
     except FormatError as err:
         raise FormatError(f"{stream.name}: {err}", err.offset) from err
     stream.drain()
-    return stream.bytes_read
+    return stream.bytes_read, []
 
 
 class StreamedDumpCollector:
@@ -196,14 +195,10 @@ class StreamedDumpCollector:
     resources in ``_cleanup`` around ``_end_stream`` and ``_close_spool``.
     """
 
-    # What the hypervisor is asked to write: its ELF (read as a stream or spooled with zero
-    # pages as holes) or its kdump-zlib (QEMU compresses; a flattened stream, spooled only).
-    DUMP_FORMATS = ("elf", "kdump-zlib")
-
     def __init__(self, spool: str | None, dump_format: str = "elf") -> None:
-        if dump_format not in self.DUMP_FORMATS:
+        if dump_format not in GUEST_DUMP_FORMATS:
             raise UsageError(f"unknown guest dump format {dump_format!r}; choose one of "
-                             f"{', '.join(self.DUMP_FORMATS)}")
+                             f"{', '.join(GUEST_DUMP_FORMATS)}")
         if dump_format != "elf" and spool is None:
             raise UsageError(f"a {dump_format} capture needs a spool directory: QEMU writes it "
                              "as a flattened stream that is rebuilt before it can be read")
@@ -252,10 +247,8 @@ class StreamedDumpCollector:
             snap = Snapshot(image, target, meta=meta, warnings=warnings)
         else:
             t0 = time.monotonic()
-            if self.dump_format == "elf":
-                meta["stream_bytes"], warnings = spool_sparse(self._stream, self._spool_fd)
-            else:
-                meta["stream_bytes"], warnings = spool_flattened(self._stream, self._spool_fd), []
+            spool = spool_sparse if self.dump_format == "elf" else spool_flattened
+            meta["stream_bytes"], warnings = spool(self._stream, self._spool_fd)
             meta["spool_copy_seconds"] = time.monotonic() - t0
             meta["spool_bytes"] = os.fstat(self._spool_fd).st_blocks * 512
             self._stream.close()

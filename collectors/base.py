@@ -16,6 +16,11 @@ from typing import Protocol
 
 from kdumpling.image import CoreImage
 
+# What a guest collector (QMP, libvirt) can ask the hypervisor to write: its ELF (read as a
+# stream, or spooled with zero pages as holes) or its kdump-zlib (QEMU compresses; a flattened
+# stream, so spooled and rebuilt before it is read).
+GUEST_DUMP_FORMATS = ("elf", "kdump-zlib")
+
 
 @dataclass
 class UnreadableRange:

@@ -43,15 +43,16 @@ def vmcoreinfo_number(fields: dict[str, str], key: str) -> int | None:
             return None
 
 
-def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str]]:
+def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str], list[str]]:
     """The image of an opened dump, with what QEMU gets wrong taken from VMCOREINFO instead.
 
-    What was corrected is listed in ``meta["fixes"]`` (not among the warnings: the caller says
-    whether a fix is news, e.g. for a file someone hands us, or expected, for QEMU's own dump).
+    Returns image, meta, warnings and fixes: what was corrected comes apart from the warnings,
+    as the caller says whether it is news (a file someone hands us) or expected (QEMU's own
+    dump, asked for by a collector).
     """
     image = dump.to_image()
     fixes: list[str] = []
-    meta: dict[str, object] = {"source_format": dump.format, "fixes": fixes}
+    meta: dict[str, object] = {"source_format": dump.format}
     warnings = list(dump.warnings)
     if image.kind is DumpKind.KERNEL:
         fields = image.vmcoreinfo_fields
@@ -73,7 +74,7 @@ def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str]]:
         if not image.vmcoreinfo:
             warnings.append("the dump has no VMCOREINFO: crash --osrelease, drgn and "
                             "makedumpfile will not recognise the kernel")
-    return image, meta, warnings
+    return image, meta, warnings, fixes
 
 
 class DumpFileCollector:
@@ -91,9 +92,7 @@ class DumpFileCollector:
 
         dump = self._dump = open_dump(self.path)
         try:
-            image, meta, warnings = image_of_dump(dump)
-            fixes = meta.pop("fixes")
-            assert isinstance(fixes, list)
+            image, meta, warnings, fixes = image_of_dump(dump)
             warnings += fixes  # a file someone hands us: say what in it was wrong
             meta = {"collector": "convert", "source": self.path, **meta}
             return Snapshot(image, f"{dump.format} dump {self.path}", warnings=warnings,

@@ -17,7 +17,9 @@ Facts that shape the code (measured with libvirt 9.0 / QEMU 7.2, see the project
   time to read the stream), and converts from there. ``dump_format="kdump-zlib"`` asks libvirt
   for QEMU's compressed dump instead (spool only): the pause is libvirt's own kdump-zlib dump.
 * Closing the read end early makes the iohelper die of SIGPIPE; libvirt fails the call and
-  resumes the guest. ``abortJob()`` is the polite way.
+  resumes the guest. That is how a capture is stopped. ``abortJob()`` is not used: called while
+  nobody drained the FIFO it blocked (20 minutes once, in test_libvirt_abort), waiting on the
+  very dump it was to stop.
 
 Nothing of dump size is ever left on disk: the FIFO holds no data, and the spool file has no name.
 """
@@ -247,21 +249,11 @@ class LibvirtCollector(StreamedDumpCollector):
         return self._call_ended - self._call_started
 
     # -- release ---------------------------------------------------------------------------------
-    def abort(self) -> None:
-        """Abort from another thread: libvirt's abortJob, and the next read raises."""
-        super().abort()
-        if self._dom is not None and not self._call_done.is_set():
-            with contextlib.suppress(Exception):
-                self._dom.abortJob()
-
     def _cleanup(self, *, failed: bool) -> None:
         snap = self._snapshot
         try:
-            drain = not failed and bool(self._call_started)
-            if not drain and self._dom is not None and not self._call_done.is_set():
-                with contextlib.suppress(Exception):
-                    self._dom.abortJob()
-            self._end_stream(drain=drain)  # the iohelper gets EPIPE/SIGPIPE if still writing
+            # Closing early stops the dump: the iohelper gets EPIPE/SIGPIPE if still writing.
+            self._end_stream(drain=not failed and bool(self._call_started))
             if self._thread is not None:
                 self._thread.join(120)
                 err = self._call_error
