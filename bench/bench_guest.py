@@ -158,11 +158,12 @@ class Bench:
         self.work = Path(args.workdir)
         self.work.mkdir(parents=True, exist_ok=True)
 
-    def child(self, section: str, name: str, spec: dict[str, Any]) -> Row:
+    def child(self, section: str, name: str, spec: dict[str, Any], keep: bool = False) -> Row:
         """Run ``spec`` --repeat times in fresh children; keep the shortest pause (captures) or
-        the fastest run (conversions)."""
+        the fastest run (conversions). The output is removed after each run unless ``keep``
+        (then the last run's output stays)."""
         rows = []
-        for _ in range(self.args.repeat):
+        for run in range(self.args.repeat):
             res = run_child([sys.executable, __file__, "--child", json.dumps(spec)])
             if res.rc != 0:
                 raise SystemExit(f"{name} failed ({res.rc}):\n{res.stderr[-3000:]}")
@@ -171,8 +172,9 @@ class Bench:
                             int(out.get("bytes_out", 0)), res.maxrss_mb, res.cpu,
                             {k: v for k, v in out.items()
                              if k not in ("seconds", "pause", "bytes_out")}))
-            with contextlib.suppress(OSError):
-                os.unlink(spec["out"])
+            if not (keep and run == self.args.repeat - 1):
+                with contextlib.suppress(OSError):
+                    os.unlink(spec["out"])
         row = min(rows, key=lambda r: r.pause if r.pause is not None else r.seconds)
         row.rss_mb = max(r.rss_mb for r in rows)
         row.extra["runs"] = [round(r.pause if r.pause is not None else r.seconds, 3)
@@ -206,12 +208,11 @@ class Bench:
         try:
             for fmt in ("elf", "kdump-zlib"):
                 out = out_dir / f"{kind}-file.{fmt}"
+                keep = fmt == "elf" and kind == "qmp"  # the conversion section's input
                 self.child(section, f"{'QEMU' if kind == 'qmp' else 'libvirt'} file {fmt}", {
                     "kind": f"{'qemu' if kind == 'qmp' else 'libvirt'}-file", "target": target,
-                    "out": str(out), "format": fmt})
-                if fmt == "elf" and kind == "qmp":
-                    # kept for the conversion section: one more dump, not timed
-                    _qemu_file_dump(target, str(out), fmt)
+                    "out": str(out), "format": fmt}, keep=keep)
+                if keep:
                     self.info["qemu_elf"] = str(out)
             runs = [("stream", "elf", "none", 0, "elf"), ("stream", "kdump", "zlib", 1, "elf"),
                     ("stream", "kdump", "lzo", 1, "elf"), ("spool", "kdump", "zlib", 1, "elf"),
@@ -297,10 +298,11 @@ class Bench:
                   for what, ok, detail in self.targets()]
         return "\n".join(lines)
 
-    def ratios(self) -> list[str]:
-        def find(section: str, name: str) -> Row | None:
-            return next((r for r in self.rows if r.section == section and r.name == name), None)
+    def find(self, section: str, name: str) -> Row | None:
+        return next((r for r in self.rows if r.section == section and r.name == name), None)
 
+    def ratios(self) -> list[str]:
+        find = self.find
         out = [f"ratios (fastest of {self.args.repeat} runs each):"]
         for kind in ("qmp", "libvirt"):
             sec = f"pause ({kind})"
@@ -329,9 +331,7 @@ class Bench:
 
     def targets(self) -> list[tuple[str, bool, str]]:
         """(what, passed, detail) for every target of issue 4 this run measured."""
-        def find(section: str, name: str) -> Row | None:
-            return next((r for r in self.rows if r.section == section and r.name == name), None)
-
+        find = self.find
         out: list[tuple[str, bool, str]] = []
         conv = "convert QEMU ELF"
         qz = find("pause (qmp)", "QEMU file kdump-zlib")
