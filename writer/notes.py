@@ -54,6 +54,25 @@ class CustomNoteType(IntEnum):
     USER_DEFINED = 0x4B444D00  # start of the range left to callers
 
 
+# The seed API (kdumpling 0.4.0) numbered the same notes 1, 2, 3 and 256 under owner KDUMPLING.
+SEED_NOTE_TYPES = {1: "METADATA", 2: "ANNOTATIONS", 3: "FILE_INFO", 256: "USER_DEFINED"}
+
+
+def kdumpling_note_kind(owner: bytes, note_type: int) -> str | None:
+    """Name of a kdumpling note in either numbering, or None for any other note.
+
+    Our :class:`CustomNoteType` values count under any owner (``add_annotations`` takes a
+    vendor); the seed's 1, 2, 3, 256 only under owner ``KDUMPLING``, where nothing else uses them.
+    """
+    try:
+        return CustomNoteType(note_type).name
+    except ValueError:
+        pass
+    if owner == DEFAULT_NOTE_VENDOR:
+        return SEED_NOTE_TYPES.get(note_type)
+    return None
+
+
 @dataclass
 class CustomNote:
     """A caller-supplied ELF note, identified by (owner name, type)."""
