@@ -71,15 +71,25 @@ class Target:
     def tids(self) -> set[int]:
         return {int(t) for t in os.listdir(f"/proc/{self.pid}/task")}
 
-    def ping(self, timeout: float = 5.0) -> str:
-        """Ask the echo thread for a reply: only a running (not stopped) process answers."""
+    def ask(self, command: str, timeout: float = 5.0) -> str:
+        """Send one command line to the echo thread and return its one-line answer."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(b"ping\n")
+        self.proc.stdin.write(command.encode() + b"\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            raise AssertionError(f"target {self.pid} did not answer within {timeout} s")
+            raise AssertionError(f"target {self.pid} did not answer {command!r} within "
+                                 f"{timeout} s")
         return self.proc.stdout.readline().decode().strip()
+
+    def ping(self, timeout: float = 5.0) -> str:
+        """Ask the echo thread for a reply: only a running (not stopped) process answers."""
+        return self.ask("ping", timeout)
+
+    def unmap_shared(self) -> None:
+        """Have the target munmap its shared region itself (no debugger inferior call)."""
+        answer = self.ask("unmap-shared")
+        assert answer == "unmapped 0", answer
 
     def tell_exit(self) -> None:
         assert self.proc.stdin is not None
