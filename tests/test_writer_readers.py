@@ -204,3 +204,76 @@ def test_kdump_without_cpu_notes_opens_without_crash_warnings(tmp_path: str) -> 
                          timeout=60)
     assert res.stdout.strip() == "6.1.0-kdl-x86_64"
     assert "WARNING" not in res.stdout + res.stderr
+
+
+def _reassemble(flat: str, out: str) -> str:
+    with open(flat, "rb") as src:
+        res = subprocess.run([tool("makedumpfile"), "-R", out], stdin=src, capture_output=True,
+                             timeout=60)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _crash_header_dump(path: str) -> str:
+    """crash -d1 prints the ELF header or the disk_dump_header it parsed, flags included."""
+    res = subprocess.run([tool("crash"), "-d1", "--osrelease", path], capture_output=True,
+                         text=True, timeout=60)
+    assert res.stdout.strip().splitlines()[-1] == "6.1.0-kdl-x86_64", res.stdout + res.stderr
+    return res.stdout
+
+
+@pytest.mark.parametrize("fmt", ["elf", "kdump", "kdump-flat"])
+@pytest.mark.parametrize("missing", [True, False])
+def test_missing_ranges_mark_the_output_incomplete(tmp_path: str, fmt: str,
+                                                   missing: bool) -> None:
+    """CoreImage.missing (ranges a collector could not read) marks every format incomplete the
+    way crash understands (kdump status DUMP_DH_COMPRESSED_INCOMPLETE, ELF e_flags
+    DUMP_ELF_INCOMPLETE); the pages that were read stay readable. libkdumpfile and drgn ignore
+    both flags (dump-formats.md §3.7), so only crash can report it."""
+    from kdumpling import write_dump
+
+    data = bytes(range(256)) * 64  # 4 pages
+    b = KdumpBuilder().set_vmcoreinfo(vmcoreinfo_for("x86_64", 4096))
+    image = b.add_memory_segment(0x100000, data).to_image()
+    if missing:
+        image.missing.append((0x102000, 0x103000))
+    out = os.path.join(tmp_path, "dump." + fmt)
+    result = write_dump(image, out, format=fmt)
+    assert result.missing == ([(0x102000, 0x103000)] if missing else [])
+    assert result.incomplete is missing
+    path = _reassemble(out, out + ".re") if fmt == "kdump-flat" else out
+    with open(path, "rb") as f:
+        head = f.read(512)
+    text = _crash_header_dump(path)
+    if fmt == "elf":
+        assert bool(struct.unpack_from("<I", head, 48)[0] & 0x1) is missing
+        assert ("e_flags: 1\n" in text) is missing
+    else:
+        assert bool(struct.unpack_from("<I", head, 424)[0] & 0x08) is missing
+        assert ("DUMP_DH_COMPRESSED_INCOMPLETE" in text) is missing
+    assert lkf_read_phys(lkf_open(path), 0x100000, len(data)) == data
+    assert drgn_program(path).read(0x100000, len(data), True) == data
+
+
+@pytest.mark.parametrize("fmt", ["elf", "kdump"])
+def test_a_range_found_missing_while_writing_still_marks_the_output(tmp_path: str,
+                                                                     fmt: str) -> None:
+    """Writers look at CoreImage.missing when they finish, so a source that fails part-way and
+    records the range (zeros in its place) still gets the file marked."""
+    from kdumpling import CallableSource, write_dump
+
+    holder: list[list[tuple[int, int]]] = []
+
+    def read(offset: int, length: int) -> bytes:
+        if offset < 0x2000 < offset + length or offset == 0x2000:
+            holder[0].append((0x102000, 0x103000))
+        return bytes(length)
+
+    image = KdumpBuilder().set_vmcoreinfo(vmcoreinfo_for("x86_64", 4096)).add_memory_segment(
+        0x100000, CallableSource(0x4000, read)).to_image()
+    holder.append(image.missing)
+    out = os.path.join(tmp_path, "late." + fmt)
+    result = write_dump(image, out, format=fmt)
+    assert result.missing == [(0x102000, 0x103000)]
+    text = _crash_header_dump(out)
+    assert ("e_flags: 1\n" if fmt == "elf" else "DUMP_DH_COMPRESSED_INCOMPLETE") in text

@@ -8,9 +8,12 @@ from .dump import OutputFormat, WriteResult, write_dump
 from .errors import (
     CodecUnavailableError,
     DumpWriteError,
+    EmptyDumpWarning,
     FormatError,
     KdumplingError,
+    KdumplingWarning,
     LayoutError,
+    NoteTypeWarning,
     SourceReadError,
     UsageError,
 )
@@ -31,8 +34,10 @@ __version__ = "0.5.0"
 __all__ = [
     "AArch64Reg", "BytesSource", "CallableSource", "CodecUnavailableError", "CompressionType",
     "CoreImage", "CpuContext", "CustomNote", "CustomNoteType", "DumpKind", "DumpStats",
-    "DumpWriteError", "FdRangeSource", "FileObjectSource", "FileRangeSource", "FormatError",
-    "KdumpBuilder", "KdumplingError", "LayoutError", "MemorySegment", "Note", "OutputFormat",
+    "DumpWriteError", "EmptyDumpWarning", "FdRangeSource", "FileObjectSource", "FileRangeSource",
+    "FormatError",
+    "KdumpBuilder", "KdumplingError", "KdumplingWarning", "LayoutError", "MemorySegment", "Note",
+    "NoteTypeWarning", "OutputFormat",
     "Ppc64Reg", "RiscV64Reg", "S390xReg", "SourceReadError", "UsageError", "WriteResult",
     "X86_64Reg", "ZeroSource", "write_dump",
 ]

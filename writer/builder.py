@@ -10,9 +10,9 @@ from typing import BinaryIO
 from .arch import ArchInfo, get_arch
 from .codecs import CompressionType
 from .dump import OutputFormat, ProgressCallback, WriteResult, write_dump
-from .elf import EHDR_SIZE, PHDR_SIZE, PN_XNUM, SHDR_SIZE
 from .errors import UsageError
 from .image import CoreImage, DumpKind
+from .layout import EHDR_SIZE, PHDR_SIZE, PN_XNUM, SHDR_SIZE
 from .notes import (
     CORE_NOTE_NAME,
     DEFAULT_NOTE_VENDOR,

@@ -13,30 +13,30 @@ All header fields use the dumped machine's byte order.
 from __future__ import annotations
 
 import os
-import struct
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 
-from .codecs import DUMP_DH_COMPRESSED_INCOMPLETE, CompressionType, PageCodec
+from .codecs import CompressionType, PageCodec
 from .errors import LayoutError
 from .image import CoreImage, DumpKind
-from .layout import checked_segments, iter_page_chunks, pfn_runs, prefetch, zero_page_flags
+from .layout import (
+    DISK_DUMP_HEADER,
+    DUMP_DH_COMPRESSED_INCOMPLETE,
+    KDUMP_HEADER_VERSION,
+    KDUMP_SIGNATURE,
+    KDUMP_SUB_HEADER,
+    NEW_UTS_LEN,
+    PAGE_DESC,
+    checked_segments,
+    iter_page_chunks,
+    pfn_runs,
+    prefetch,
+    zero_page_flags,
+)
 from .notes import pack_notes
-
-KDUMP_SIGNATURE = b"KDUMP   "
-KDUMP_HEADER_VERSION = 6
-NEW_UTS_LEN = 64  # each utsname field is char[65]
-# struct disk_dump_header (64-bit): signature, header_version, utsname (6 x 65), 6 bytes of
-# padding, struct timeval {tv_sec, tv_usec}, status, block_size, sub_hdr_size, bitmap_blocks,
-# max_mapnr, total_ram_blocks, device_blocks, written_blocks, current_cpu, nr_cpus.
-DISK_DUMP_HEADER = {e: struct.Struct(e + "8si65s65s65s65s65s65s6xqqIiiIIIIIIi") for e in "<>"}
-# struct kdump_sub_header (header_version 6)
-KDUMP_SUB_HEADER = {e: struct.Struct(e + "QiiQQqQqQqQQQQ") for e in "<>"}
-# struct page_desc {off_t offset; unsigned int size, flags; unsigned long long page_flags}
-PAGE_DESC = {e: struct.Struct(e + "qIIQ") for e in "<>"}
 
 # libkdumpfile accepts block sizes in this range only (kdumpfile-priv.h MIN/MAX_PAGE_SIZE).
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 4096, 262144
@@ -142,15 +142,15 @@ def write_kdump(
     if not (MIN_PAGE_SIZE <= page <= MAX_PAGE_SIZE and page & (page - 1) == 0):
         raise LayoutError(f"page size {page} is not a power of two in [4096, 262144]")
     codec = PageCodec(compression, level, page)
-    segments = checked_segments(image)
+    segments = checked_segments(image) if image.segments else []
     runs = pfn_runs(segments, page)
-    if not runs:
-        raise LayoutError("no memory to dump")
-    max_pfn = runs[-1][1]
+    # No memory at all is a valid file: max_mapnr 0, empty bitmaps, no page descriptors.
+    max_pfn = runs[-1][1] if runs else 0
     n_pages = sum(end - start for start, end in runs)
 
     bitmap_len = -(-max_pfn // 8)
-    one_bitmap_blocks = -(-bitmap_len // page)
+    # At least one block each: crash mmaps the bitmap and fails on a zero-length one.
+    one_bitmap_blocks = max(1, -(-bitmap_len // page))
     bitmap = bytearray(one_bitmap_blocks * page)
     for start, end in runs:
         _set_bits(bitmap, start, end)
@@ -273,5 +273,12 @@ def write_kdump(
     if descs:
         sink.write_at(desc_written, descs)
     stats.data_bytes = cur - data_off
-    sink.write_at(0, header(codec.flag))
+    if sink.size < data_off:
+        # Without pages the file would end inside the sub-header block; crash reads whole blocks
+        # and refuses a file shorter than its metadata ("cannot read dump header"). A written
+        # last byte (not a hole) also reaches the end of a reassembled flattened stream.
+        sink.write_at(data_off - 1, b"\0")
+    # Ranges the sources could not read keep the flag set (makedumpfile sets it on a dump it had
+    # to cut short: check_and_modify_kdump_headers); crash warns on it.
+    sink.write_at(0, header(codec.flag | (DUMP_DH_COMPRESSED_INCOMPLETE if image.missing else 0)))
     return stats

@@ -7,14 +7,14 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import BinaryIO
 
 from .codecs import CompressionType, parse_compression
 from .diskdump import write_kdump
 from .elf import write_elf
-from .errors import DumpWriteError, UsageError
+from .errors import DumpWriteError, EmptyDumpWarning, UsageError, warn
 from .image import CoreImage
 from .sinks import FileSink, FlattenedSink, Sink, StreamSink
 
@@ -51,6 +51,13 @@ class WriteResult:
     zero_pages: int = 0
     compressed_pages: int = 0
     raw_pages: int = 0
+    # CoreImage.missing as it stood when the dump was finished: non-empty means the output is
+    # marked incomplete (kdump status DUMP_DH_COMPRESSED_INCOMPLETE, ELF e_flags bit 0x1).
+    missing: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.missing)
 
 
 ProgressCallback = Callable[[int, int], None]
@@ -91,6 +98,11 @@ def write_dump(
         )
     if threads is not None and threads < 1:
         raise UsageError("threads must be at least 1")
+    if not image.segments:
+        # Valid in every format (the seed wrote such files), but almost always a mistake.
+        what = "notes only" if image.notes else "nothing at all"
+        warn(f"writing a {image.kind.value} dump without memory ({what}): readers will find "
+             "no pages", EmptyDumpWarning)
 
     total = image.memory_size
     done = 0
@@ -165,6 +177,7 @@ def _run(image: CoreImage, sink: Sink, fmt: OutputFormat, ctype: CompressionType
     finally:
         for seg in image.segments:
             seg.source.close()
+    result.missing = list(image.missing)
     if fmt is OutputFormat.KDUMP_FLATTENED:
         # The stream also carries the 4 KiB header, 16 bytes per record and the end marker.
         result.bytes_out = sink.bytes_written

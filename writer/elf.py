@@ -11,33 +11,35 @@ p_paddr 0, p_filesz 0 for ranges not dumped; pages of zeros are left as holes.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
 from .image import CoreImage, DumpKind
-from .layout import checked_segments, prefetch, zero_page_flags
+from .layout import (
+    DUMP_ELF_INCOMPLETE,
+    EHDR,
+    EHDR_SIZE,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ELFDATA2MSB,
+    ELFMAG,
+    ET_CORE,
+    EV_CURRENT,
+    PHDR,
+    PHDR_SIZE,
+    PN_XNUM,
+    PT_LOAD,
+    PT_NOTE,
+    SHDR,
+    SHDR_SIZE,
+    checked_segments,
+    prefetch,
+    zero_page_flags,
+)
 from .notes import pack_notes
-from .segments import MemorySegment, ZeroSource
+from .segments import PF_R, PF_W, PF_X, MemorySegment, ZeroSource
 from .sinks import Sink
-
-# e_ident / header constants
-ELFMAG = b"\x7fELF"
-ELFCLASS64 = 2
-ELFDATA2LSB, ELFDATA2MSB = 1, 2
-EV_CURRENT = 1
-ET_CORE = 4
-PT_LOAD, PT_NOTE = 1, 4
-PN_XNUM = 0xFFFF
-# makedumpfile sets this in e_flags of ELF output it had to cut short; crash warns on it
-# (makedumpfile.c check_and_modify_elf_headers, crash netdump.c).
-DUMP_ELF_INCOMPLETE = 0x1
-
-EHDR = {e: struct.Struct(e + "16sHHIQQQIHHHHHH") for e in "<>"}  # 64 bytes
-PHDR = {e: struct.Struct(e + "IIQQQQQQ") for e in "<>"}  # 56 bytes
-SHDR = {e: struct.Struct(e + "IIQQQQIIQQ") for e in "<>"}  # 64 bytes
-EHDR_SIZE, PHDR_SIZE, SHDR_SIZE = 64, 56, 64
 
 CHUNK = 1 << 20
 MIN_HOLE_PAGES = 8  # zero runs shorter than this inside a chunk are written, not skipped
@@ -56,13 +58,14 @@ def _copy_gap(seg: MemorySegment, pos: int) -> int:
 ProgressFn = Callable[[int], None]
 
 
-def pack_ehdr(endian: str, machine: int, phnum: int, shoff: int, flags: int = 0) -> bytes:
+def pack_ehdr(endian: str, machine: int, phnum: int, phoff: int, shoff: int,
+              flags: int = 0) -> bytes:
     ident = ELFMAG + bytes(
         [ELFCLASS64, ELFDATA2MSB if endian == ">" else ELFDATA2LSB, EV_CURRENT]
     )
     xnum = phnum >= PN_XNUM
     return EHDR[endian].pack(
-        ident.ljust(16, b"\0"), ET_CORE, machine, EV_CURRENT, 0, EHDR_SIZE,
+        ident.ljust(16, b"\0"), ET_CORE, machine, EV_CURRENT, 0, phoff,
         shoff if xnum else 0, flags, EHDR_SIZE, PHDR_SIZE,
         PN_XNUM if xnum else phnum,
         SHDR_SIZE if xnum else 0, 1 if xnum else 0, 0,
@@ -87,23 +90,30 @@ def write_elf(
 
     ``zero_holes``: skip writing all-zero pages (a sparse file). Default: on for process cores
     when the sink can make holes. The header first goes out with DUMP_ELF_INCOMPLETE set and is
-    rewritten at the end, so a file cut short says so (seekable sinks only).
+    rewritten at the end, so a file cut short says so (seekable sinks only); the final header
+    keeps the flag when ``image.missing`` names ranges that could not be read. A stream gets one
+    header, flagged if ``image.missing`` is already non-empty when writing starts.
+    An image without segments or notes is a bare ELF header (no program headers, as the seed's
+    writer made it). A kernel dump with notes but no memory gets one PT_LOAD of size 0 after its
+    PT_NOTE: crash takes an ELF file for a vmcore only with e_phnum >= 2 (netdump.c
+    is_netdump) and libkdumpfile refuses one without PT_LOAD ("No content found").
     """
     endian = image.arch.endian
     process = image.kind is DumpKind.PROCESS
-    segments: Sequence[MemorySegment] = checked_segments(image)
+    segments: Sequence[MemorySegment] = checked_segments(image) if image.segments else []
     page = image.effective_page_size
     if zero_holes is None:
         zero_holes = process and sink.supports_holes
     notes = pack_notes(endian, image.notes).data
 
-    phnum = 1 + len(segments)
+    empty_load = not segments and bool(notes) and not process
+    phnum = 1 + len(segments) + empty_load if segments or notes else 0
     xnum = phnum >= PN_XNUM
-    phoff = EHDR_SIZE
-    shoff = phoff + phnum * PHDR_SIZE
+    phoff = EHDR_SIZE if phnum else 0  # gABI: e_phoff 0 without a program header table
+    shoff = EHDR_SIZE + phnum * PHDR_SIZE
     notes_off = shoff + (SHDR_SIZE if xnum else 0)
     data_off = notes_off + len(notes)
-    if process:
+    if process and segments:
         data_off += -data_off % page  # ELF_EXEC_PAGESIZE alignment, as the kernel does
 
     loads: list[_Load] = []
@@ -119,7 +129,11 @@ def write_elf(
 
     phdrs = bytearray()
     ph = PHDR[endian]
-    phdrs += ph.pack(PT_NOTE, 0, notes_off, 0, 0, len(notes), len(notes), 4 if process else 0)
+    if phnum:
+        phdrs += ph.pack(PT_NOTE, 0, notes_off, 0, 0, len(notes), len(notes),
+                         4 if process else 0)
+    if empty_load:
+        phdrs += ph.pack(PT_LOAD, PF_R | PF_W | PF_X, data_off, 0, 0, 0, 0, 0)
     for load in loads:
         seg = load.seg
         if process:
@@ -130,8 +144,8 @@ def write_elf(
 
     head = bytearray()
     live_incomplete = mark_incomplete and sink.seekable
-    head += pack_ehdr(endian, image.arch.machine, phnum, shoff,
-                      DUMP_ELF_INCOMPLETE if live_incomplete else 0)
+    head += pack_ehdr(endian, image.arch.machine, phnum, phoff, shoff,
+                      DUMP_ELF_INCOMPLETE if live_incomplete or image.missing else 0)
     head += phdrs
     if xnum:
         # Section header 0 carries the real program header count (gABI "Extended numbering").
@@ -153,7 +167,8 @@ def write_elf(
     if sink.size < file_size:
         sink.hole(sink.size, file_size - sink.size)
     if live_incomplete:
-        sink.write_at(0, pack_ehdr(endian, image.arch.machine, phnum, shoff, 0))
+        sink.write_at(0, pack_ehdr(endian, image.arch.machine, phnum, phoff, shoff,
+                                   DUMP_ELF_INCOMPLETE if image.missing else 0))
     return file_size
 
 

@@ -8,6 +8,8 @@ Codes follow sysexits(3): 69 EX_UNAVAILABLE, 74 EX_IOERR, 77 EX_NOPERM, 78 EX_CO
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 
 class KdumplingError(Exception):
@@ -110,3 +112,26 @@ class CaptureInterrupted(KdumplingError):
     """SIGINT/SIGTERM arrived during a capture; the partial output was removed."""
 
     exit_code = 130
+
+
+class KdumplingWarning(UserWarning):
+    """Base class of every warning kdumpling issues (``warnings.simplefilter`` one category)."""
+
+
+class EmptyDumpWarning(KdumplingWarning):
+    """A dump written without any memory: valid, but readers will find nothing to read."""
+
+
+class NoteTypeWarning(KdumplingWarning):
+    """A custom note whose type some reader takes for a standard core note."""
+
+
+def warn(message: str, category: type[KdumplingWarning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package (the user's line)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level = 2
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

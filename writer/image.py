@@ -34,6 +34,14 @@ class CoreImage:
     uts_version: str = "#1"
     phys_base: int | None = None  # None: VMCOREINFO NUMBER(phys_base) (x86_64), else 0
     extra: dict[str, str] = field(default_factory=dict)
+    # (start, end) address ranges whose bytes could not be read (physical for kernel dumps,
+    # virtual for process cores). Non-empty: every writer marks its output incomplete. Writers
+    # look at it when they finish, so a source may append to it while it is being read.
+    missing: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.missing)
 
     @property
     def vmcoreinfo_fields(self) -> dict[str, str]:
