@@ -38,8 +38,8 @@ def test_mypy_strict_is_clean(tmp_path: Path) -> None:
         dest = tmp_path / pkg
         dest.mkdir(parents=True, exist_ok=True)
         for src in (ROOT / folder).iterdir():
-            if src.suffix in (".py", ".typed"):
-                os.symlink(src, dest / src.name)
+            if src.suffix in (".py", ".typed") or (src / "__init__.py").is_file():
+                os.symlink(src, dest / src.name)  # a module, or a subpackage as a whole
     res = subprocess.run(
         [_bin("mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir",
          str(tmp_path / ".mypy_cache"), "-p", "kdumpling"],

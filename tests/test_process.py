@@ -267,9 +267,8 @@ def test_reader_falls_back_to_proc_mem_where_process_vm_readv_stops(stopped: boo
     import ctypes
     import mmap
 
-    from kdumpling.collectors import _ptrace
     from kdumpling.collectors._procfs import ProcFS
-    from kdumpling.collectors.process import MemoryReader
+    from kdumpling.collectors.process import MemoryReader, vm_read
 
     m = mmap.mmap(-1, 3 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     content = pt.pattern(0x3C, 3 * PAGE)
@@ -281,7 +280,7 @@ def test_reader_falls_back_to_proc_mem_where_process_vm_readv_stops(stopped: boo
     fs = ProcFS()
     fd = fs.open_mem(os.getpid())
     try:
-        assert _ptrace.vm_read(os.getpid(), addr, 3 * PAGE) == content[:PAGE]  # short read
+        assert vm_read(os.getpid(), addr, 3 * PAGE) == content[:PAGE]  # short read
         unreadable: list[object] = []
         reader = MemoryReader(os.getpid(), fs, fd, None, PAGE, unreadable)  # type: ignore[arg-type]
         reader.stopped = stopped
@@ -582,8 +581,8 @@ def test_signal_to_capturing_process_releases_target(
 # --- permissions and missing targets ----------------------------------------------------------
 SEIZE_CHILD = textwrap.dedent("""
     import sys, time
-    from kdumpling.collectors import _ptrace
-    _ptrace.seize(int(sys.argv[1]))
+    from kdumpling.collectors.process import tracer
+    tracer.seize(int(sys.argv[1]))
     print("seized", flush=True)
     time.sleep(60)
 """)

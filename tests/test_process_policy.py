@@ -3,9 +3,12 @@ privileges, no live process). The expected decisions follow fs/coredump.c vma_du
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -415,7 +418,7 @@ def test_zero_page_mappings_count_as_empty(tmp_path: Path, monkeypatch: pytest.M
     # A debugger's reads leave pages that map the shared zero page: present in pagemap, but
     # nothing to read. Entries: zero page, real page, swapped, zero page with soft-dirty.
     zero_pfn = 0x3B32
-    monkeypatch.setattr(P, "_zero_pfn", [zero_pfn])
+    monkeypatch.setattr("kdumpling.collectors.process.memory._zero_pfn", [zero_pfn])
     mem = tmp_path / "mem"
     mem.write_bytes(b"y" * (4 * PAGE))
     pagemap = tmp_path / "pagemap"
@@ -434,8 +437,35 @@ def test_zero_page_mappings_count_as_empty(tmp_path: Path, monkeypatch: pytest.M
         os.close(pfd)
 
 
-def test_zero_page_pfn_is_learnt_or_unknown() -> None:
-    pfn = P.zero_page_pfn(os.sysconf("SC_PAGE_SIZE"))
-    if os.geteuid() == 0:
-        assert pfn is not None and pfn > 0  # root sees PFNs
-    assert P.zero_page_pfn(os.sysconf("SC_PAGE_SIZE")) == pfn  # cached
+def _own_pagemap_pfn(addr: int, page: int) -> int:
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        entry = int.from_bytes(os.pread(f.fileno(), 8, addr // page * 8), sys.byteorder)
+    assert entry >> 63, f"page {addr:#x} is not present"
+    return entry & P.PFN_MASK
+
+
+def test_zero_page_pfn_is_learnt_or_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Learnt afresh (not from an earlier test's cache), then checked against our own pagemap:
+    # a page that was only read maps the zero page, a written one a page of its own. PFNs read
+    # as 0 without CAP_SYS_ADMIN (Documentation/admin-guide/mm/pagemap.rst): then it is None.
+    page = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr("kdumpling.collectors.process.memory._zero_pfn", [])
+    pfn = P.zero_page_pfn(page)
+    m = mmap.mmap(-1, 2 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    anchor = ctypes.c_char.from_buffer(m)
+    try:
+        addr = ctypes.addressof(anchor)
+        m[0] = 1  # written: a page of its own
+        assert m[page] == 0  # only read: the zero page
+        written = _own_pagemap_pfn(addr, page)
+        read_only = _own_pagemap_pfn(addr + page, page)
+    finally:
+        del anchor
+        m.close()
+    if written:  # PFNs are visible here
+        assert pfn == read_only and pfn != written
+    else:
+        assert pfn is None
+    # learnt once: later calls answer from the cache, whatever it holds
+    monkeypatch.setattr("kdumpling.collectors.process.memory._zero_pfn", [0x1234])
+    assert P.zero_page_pfn(page) == 0x1234

@@ -196,3 +196,54 @@ def arch_from_machine(machine: int, big_endian: bool) -> ArchInfo:
             return info
     order = "big" if big_endian else "little"
     raise UnsupportedArchError(f"unsupported ELF machine {machine} ({order}-endian)")
+
+
+# --- register sets of a process core -----------------------------------------------------------
+# Per thread the kernel writes one note per regset of the task's user_regset_view that has a
+# core note type and is active (fs/binfmt_elf.c fill_thread_core_info). Every architecture
+# here starts with NT_PRSTATUS and NT_PRFPREG (kdumpling.notes); the types below follow them.
+# Note types: include/uapi/linux/elf.h.
+NT_386_IOPERM = 0x201
+NT_X86_XSTATE = 0x202
+NT_X86_SHSTK = 0x204
+NT_ARM_TLS = 0x401
+NT_ARM_HW_BREAK = 0x402
+NT_ARM_HW_WATCH = 0x403
+NT_ARM_SYSTEM_CALL = 0x404
+NT_ARM_SVE = 0x405
+NT_ARM_PAC_MASK = 0x406
+NT_ARM_TAGGED_ADDR_CTRL = 0x409
+NT_ARM_PAC_ENABLED_KEYS = 0x40A
+NT_ARM_SSVE = 0x40B
+NT_ARM_ZA = 0x40C
+NT_ARM_ZT = 0x40D
+NT_ARM_FPMR = 0x40E
+NT_ARM_POE = 0x40F
+NT_ARM_GCS = 0x410
+NT_RISCV_CSR = 0x900
+NT_RISCV_VECTOR = 0x901
+
+
+@dataclass(frozen=True)
+class ArchRegsets:
+    """What a process collector must know about an architecture's threads."""
+
+    sp_register: str  # the stack pointer's name in the arch's register enum
+    regsets: tuple[int, ...]  # note types after NT_PRSTATUS and NT_PRFPREG, in view order
+
+
+# Adding an architecture = one line here. PAC keys (NT_ARM_PACA_KEYS/PACG_KEYS) are left out
+# on purpose: they are secrets gdb does not need.
+REGSETS: dict[str, ArchRegsets] = {
+    # arch/x86/kernel/ptrace.c x86_64_regsets
+    "x86_64": ArchRegsets("RSP", (NT_386_IOPERM, NT_X86_XSTATE, NT_X86_SHSTK)),
+    # arch/arm64/kernel/ptrace.c aarch64_regsets
+    "aarch64": ArchRegsets("SP", (
+        NT_ARM_TLS, NT_ARM_HW_BREAK, NT_ARM_HW_WATCH, NT_ARM_SYSTEM_CALL, NT_ARM_SVE,
+        NT_ARM_SSVE, NT_ARM_ZA, NT_ARM_ZT, NT_ARM_PAC_MASK, NT_ARM_PAC_ENABLED_KEYS,
+        NT_ARM_TAGGED_ADDR_CTRL, NT_ARM_FPMR, NT_ARM_POE, NT_ARM_GCS,
+    )),
+    # arch/riscv/kernel/ptrace.c riscv_user_regset
+    "riscv64": ArchRegsets("SP", (NT_RISCV_VECTOR,)),
+}
+DEFAULT_REGSETS = ArchRegsets("SP", ())  # an architecture without an entry: the two classic ones

@@ -22,9 +22,7 @@ NT_PRFPREG = 2  # a.k.a. NT_FPREGSET
 NT_PRPSINFO = 3
 NT_TASKSTRUCT = 4
 NT_AUXV = 6
-NT_X86_XSTATE = 0x202
-NT_ARM_TLS = 0x401
-NT_ARM_PAC_MASK = 0x406
+# the architecture regsets (NT_X86_XSTATE, NT_ARM_*) are declared in kdumpling.arch
 NT_SIGINFO = 0x53494749
 NT_FILE = 0x46494C45
 
