@@ -1,4 +1,4 @@
-"""Per-page compression for the kdump-compressed format.
+"""Per-page compression and decompression for the kdump-compressed format.
 
 Byte formats readers accept (dump-formats.md §3.8; makedumpfile compress_mdf, crash cache_page,
 libkdumpfile diskdump_read_page): zlib = a zlib-wrapped deflate stream (any compressor that emits
@@ -17,6 +17,12 @@ from itertools import repeat
 from types import ModuleType
 
 from .errors import CodecUnavailableError, UsageError
+from .layout import (
+    DUMP_DH_COMPRESSED_LZO,
+    DUMP_DH_COMPRESSED_SNAPPY,
+    DUMP_DH_COMPRESSED_ZLIB,
+    DUMP_DH_COMPRESSED_ZSTD,
+)
 
 
 class CompressionType(IntEnum):
@@ -29,15 +35,7 @@ class CompressionType(IntEnum):
     ZSTD = 8
 
 
-# page_desc.flags / disk_dump_header.status bits (makedumpfile diskdump_mod.h). Note that zstd is
-# 0x20: 0x08 means DUMP_DH_COMPRESSED_INCOMPLETE.
-DUMP_DH_COMPRESSED_ZLIB = 0x01
-DUMP_DH_COMPRESSED_LZO = 0x02
-DUMP_DH_COMPRESSED_SNAPPY = 0x04
-DUMP_DH_COMPRESSED_INCOMPLETE = 0x08
-DUMP_DH_EXCLUDED_VMEMMAP = 0x10
-DUMP_DH_COMPRESSED_ZSTD = 0x20
-
+# The one codec <-> page_desc.flags / disk_dump_header.status mapping (bits: layout.py).
 CODEC_FLAG = {
     CompressionType.NONE: 0,
     CompressionType.ZLIB: DUMP_DH_COMPRESSED_ZLIB,
@@ -170,3 +168,72 @@ class PageCodec:
             comp = self._factory()
             self._local.comp = comp
         return comp
+
+
+def codec_of_flags(flags: int) -> CompressionType:
+    """The codec of a page_desc.flags or header status value: the first set bit in the order
+    zlib, lzo, snappy, zstd wins, none set = raw (makedumpfile readpage_kdump_compressed,
+    libkdumpfile diskdump_read_page)."""
+    for ctype, bit in CODEC_FLAG.items():
+        if bit and flags & bit:
+            return ctype
+    return CompressionType.NONE
+
+
+class PageDecoder:
+    """Decodes one stored page of a kdump file; output is bounded to one page before anything
+    is allocated, and anything that does not decode to exactly one page is a ValueError."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self._local = threading.local()
+
+    def decode(self, flags: int, data: bytes) -> bytes:
+        """The page, or ValueError saying why the stored bytes are not one."""
+        size = self.page_size
+        ctype = codec_of_flags(flags)
+        name = ctype.name.lower()
+        if ctype == CompressionType.NONE:
+            if len(data) != size:
+                raise ValueError(f"raw page of {len(data)} bytes, expected {size}")
+            return data
+        if ctype == CompressionType.ZLIB:
+            obj = zlib.decompressobj()
+            try:
+                out = obj.decompress(data, size + 1)
+            except zlib.error as err:
+                raise ValueError(f"zlib: {err}") from None
+            if not obj.eof and len(out) <= size:
+                raise ValueError("zlib: truncated stream")
+        elif ctype == CompressionType.LZO:
+            lzo = import_codec_module("lzo", "lzo", "lzo")
+            try:
+                out = lzo.decompress(data, False, size)
+            except lzo.error as err:
+                raise ValueError(f"lzo: {err}") from None
+        elif ctype == CompressionType.SNAPPY:
+            snappy = import_codec_module("snappy", "cramjam", "snappy").snappy
+            try:
+                claimed = snappy.decompress_raw_len(data)
+                if claimed != size:
+                    raise ValueError(f"snappy: block holds {claimed} bytes, expected {size}")
+                out = bytes(snappy.decompress_raw(data))
+            except ValueError:
+                raise
+            except Exception as err:  # cramjam.DecompressionError has no stable import path
+                raise ValueError(f"snappy: {err}") from None
+        else:
+            zstandard = import_codec_module("zstd", "zstandard", "zstd")
+            dctx = getattr(self._local, "zstd", None)
+            if dctx is None:  # one per thread, as for compression (codec-speed.md)
+                dctx = self._local.zstd = zstandard.ZstdDecompressor()
+            try:
+                claimed = zstandard.frame_content_size(data)
+                if claimed > size:
+                    raise ValueError(f"zstd: frame holds {claimed} bytes, expected {size}")
+                out = dctx.decompress(data, max_output_size=size)
+            except zstandard.ZstdError as err:
+                raise ValueError(f"zstd: {err}") from None
+        if len(out) != size:
+            raise ValueError(f"{name}: page decompressed to {len(out)} bytes, expected {size}")
+        return bytes(out)

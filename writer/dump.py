@@ -6,7 +6,7 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import BinaryIO
@@ -187,27 +187,42 @@ def _run(image: CoreImage, sink: Sink, fmt: OutputFormat, ctype: CompressionType
 def _write_path(image: CoreImage, path: str, fmt: OutputFormat, ctype: CompressionType,
                 level: int, dump_level: int, threads: int | None, step: Callable[[int], None],
                 fsync: bool, mode: int) -> WriteResult:
+    with atomic_output(path, mode, fsync=fsync) as fd:
+        sink: Sink | None = None
+        try:
+            if fmt is OutputFormat.KDUMP_FLATTENED:
+                stream = os.fdopen(os.dup(fd), "wb", buffering=1 << 20)
+                try:
+                    sink = FlattenedSink(stream, path + INCOMPLETE_SUFFIX)
+                    result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
+                    sink.finish()
+                finally:
+                    stream.close()
+            else:
+                sink = FileSink(fd, path + INCOMPLETE_SUFFIX)
+                result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
+                sink.finish()
+            result.bytes_out = os.fstat(fd).st_size
+        except BaseException:
+            if sink is not None:
+                sink.close()  # no write-behind thread may touch fd after it is closed
+            raise
+    return result
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: int = 0o600, *, fsync: bool = True) -> Iterator[int]:
+    """A descriptor on ``PATH.incomplete`` (created with ``mode``, never through a symlink);
+    when the block ends it is fsynced, renamed to ``path`` and the directory fsynced, and when
+    the block raises it is removed. Every file writer goes through here."""
     tmp = path + INCOMPLETE_SUFFIX
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, mode)
     except OSError as err:
         raise DumpWriteError.from_oserror(err, tmp) from err
-    sink: Sink | None = None
     try:
-        if fmt is OutputFormat.KDUMP_FLATTENED:
-            stream = os.fdopen(os.dup(fd), "wb", buffering=1 << 20)
-            try:
-                sink = FlattenedSink(stream, tmp)
-                result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
-                sink.finish()
-            finally:
-                stream.close()
-        else:
-            sink = FileSink(fd, tmp)
-            result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
-            sink.finish()
-        result.bytes_out = os.fstat(fd).st_size
+        yield fd
         if fsync:
             os.fsync(fd)
         os.close(fd)
@@ -217,15 +232,12 @@ def _write_path(image: CoreImage, path: str, fmt: OutputFormat, ctype: Compressi
             _fsync_dir(os.path.dirname(os.path.abspath(path)))
     except BaseException as exc:
         if fd >= 0:
-            if sink is not None:
-                sink.close()  # no write-behind thread may touch fd after it is closed
             os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
             raise DumpWriteError.from_oserror(exc, path) from exc
         raise
-    return result
 
 
 def _fsync_dir(path: str) -> None:

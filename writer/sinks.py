@@ -12,11 +12,19 @@ from __future__ import annotations
 import errno
 import os
 import queue
-import struct
 import threading
 from typing import BinaryIO
 
 from .errors import DumpWriteError, SourceReadError, UsageError
+from .layout import (
+    FLAT_END,
+    FLAT_HEADER,
+    FLAT_HEADER_SIZE,
+    FLAT_RECORD,
+    FLAT_SIGNATURE,
+    FLAT_TYPE,
+    FLAT_VERSION,
+)
 
 _COPY_CHUNK = 64 << 20
 
@@ -196,18 +204,6 @@ class StreamSink(Sink):
             self.stream.flush()
         except OSError as err:
             raise DumpWriteError.from_oserror(err, self.name) from err
-
-
-# makedumpfile.h: struct makedumpfile_header {char signature[16]; int64_t type; int64_t version;}
-# padded to 4096 bytes; each record is struct makedumpfile_data_header {int64_t offset, buf_size}
-# in big-endian whatever the host (write_buffer byte-swaps on little-endian hosts).
-FLAT_SIGNATURE = b"makedumpfile"
-FLAT_HEADER_SIZE = 4096
-FLAT_TYPE = 1
-FLAT_VERSION = 1
-FLAT_HEADER = struct.Struct(">16sqq")
-FLAT_RECORD = struct.Struct(">qq")
-FLAT_END = b"\xff" * FLAT_RECORD.size
 
 
 class FlattenedSink(Sink):
