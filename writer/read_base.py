@@ -208,6 +208,7 @@ class Dump:
         self.vmcoreinfo = b""
         self.header = {}
         self.segments = []
+        self._missing: list[tuple[int, int]] | None = None
 
     # -- lifetime --
     def close(self) -> None:
@@ -274,6 +275,26 @@ class Dump:
     def metadata(self) -> dict[str, str]:
         """KEY=VALUE pairs of every METADATA note (either numbering; ``add_metadata``)."""
         return self._key_values("METADATA")
+
+    @property
+    def missing(self) -> list[tuple[int, int]]:
+        """Sorted, merged [start, end) address ranges (physical for kernel dumps, virtual for
+        process cores) of memory the file promises but cannot deliver: data past the end of a
+        cut file, page descriptors past it or never written. ``to_image()`` leaves them out
+        and names them in ``CoreImage.missing``. The first call may read every descriptor."""
+        if self._missing is None:
+            self._missing = self._find_missing()
+        return self._missing
+
+    @property
+    def incomplete(self) -> bool:
+        """True when the dump lacks data it should have: ``missing`` is not empty, or its
+        writer marked it cut short (kdump DUMP_DH_COMPRESSED_INCOMPLETE, ELF e_flags
+        DUMP_ELF_INCOMPLETE, a flattened stream without its end marker)."""
+        return bool(self.missing) or bool(self.header.get("incomplete"))
+
+    def _find_missing(self) -> list[tuple[int, int]]:
+        return []
 
     @property
     def memory_size(self) -> int:
@@ -363,3 +384,13 @@ def vmcoreinfo_facts(fields: dict[str, str]) -> dict[str, object]:
 def cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) ranges sorted, with touching or overlapping ones merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out

@@ -41,6 +41,7 @@ from .read_base import (
     FileBlob,
     PageNotDumpedError,
     Range,
+    merge_ranges,
     vmcoreinfo_facts,
 )
 from .segments import FdRangeSource, MemorySegment
@@ -82,11 +83,11 @@ class ElfDump(Dump):
                 raise self._err("e_phnum is PN_XNUM but there is no section header 0", 0x28)
             sh = SHDR[endian].unpack(blob.pread(shoff, SHDR_SIZE))
             phnum = sh[7]  # sh_info
-        if phnum == 0:
-            raise self._err("no program headers", 0x38)
-        if phentsize != PHDR_SIZE:
+        # No program headers at all is a valid, empty core (the seed's writer made them; gABI:
+        # e_phoff 0 and e_phentsize may be 0 then).
+        if phnum and phentsize != PHDR_SIZE:
             raise self._err(f"e_phentsize is {phentsize}, expected {PHDR_SIZE}", 0x36)
-        if phoff < EHDR_SIZE // 2 or phoff + phnum * PHDR_SIZE > size:
+        if phnum and (phoff < EHDR_SIZE // 2 or phoff + phnum * PHDR_SIZE > size):
             raise self._err(
                 f"{phnum} program headers at {phoff:#x} do not fit in the file ({size} bytes)",
                 0x20,
@@ -106,6 +107,7 @@ class ElfDump(Dump):
         note_bytes = 0
         loads: list[DumpSegment] = []
         truncated = no_paddr = 0
+        cut: list[tuple[DumpSegment, int]] = []  # PT_LOADs whose data runs past EOF, p_filesz
         for i in range(phnum):
             off = phoff + i * PHDR_SIZE
             p_type, p_flags, p_offset, vaddr, paddr, filesz, memsz, _ = phdr.unpack_from(
@@ -124,6 +126,7 @@ class ElfDump(Dump):
                     raise self._err(
                         f"PT_LOAD {i}: p_filesz {filesz:#x} > p_memsz {memsz:#x}", off
                     )
+                promised = filesz
                 if filesz and p_offset + filesz > size:
                     have = max(0, size - p_offset)
                     truncated += filesz - have
@@ -137,6 +140,8 @@ class ElfDump(Dump):
                 if vaddr + memsz > 1 << 64:
                     raise self._err(f"PT_LOAD {i} wraps around the virtual address space", off)
                 loads.append(DumpSegment(paddr, vaddr, p_offset, filesz, memsz, p_flags))
+                if promised != filesz:
+                    cut.append((loads[-1], promised))
         if truncated:
             self.warnings.append(
                 f"file is truncated: {truncated} bytes of PT_LOAD data lie past its end "
@@ -159,6 +164,24 @@ class ElfDump(Dump):
         self._starts = [r.start for r in self._map]
         self._vmap: list[Range] | None = None  # kernel dumps: built on the first read_virt
         self._vstarts: list[int] = []
+        self._missing = self._cut_ranges(cut)
+
+    def _cut_ranges(self, cut: list[tuple[DumpSegment, int]]) -> list[tuple[int, int]]:
+        """Addresses of PT_LOAD data past EOF (physical for kernel dumps, virtual for process
+        cores), as far as the map reads them from that PT_LOAD (kexec's duplicates lose)."""
+        virtual = self.kind is DumpKind.PROCESS
+        out = []
+        for seg, promised in cut:
+            if not virtual and seg.phys_addr == NO_PADDR:
+                continue
+            base = (seg.virt_addr or 0) if virtual else seg.phys_addr
+            lo, hi = base + seg.file_size, base + promised
+            for rng in self._map:
+                if rng.file_offset - rng.start == (seg.file_offset or 0) - base:
+                    a, b = max(lo, rng.start), min(hi, rng.end)
+                    if a < b:
+                        out.append((a, b))
+        return merge_ranges(out)
 
     def _guess_kind(self) -> DumpKind:
         if self.vmcoreinfo or any(n.name == QEMU_NOTE_NAME for n in self.notes):
@@ -166,6 +189,10 @@ class ElfDump(Dump):
         process_types = {NT_PRPSINFO, NT_FILE, NT_AUXV, NT_SIGINFO}
         if any(n.name == CORE_NOTE_NAME and n.type in process_types for n in self.notes):
             return DumpKind.PROCESS
+        # Process cores always carry process notes; an empty file is what the kernel-dump
+        # builder writes without memory.
+        if not any(s.mem_size for s in self.segments):
+            return DumpKind.KERNEL
         # A vmcore without VMCOREINFO still has physical addresses; process cores have p_paddr 0.
         if any(s.phys_addr for s in self.segments):
             return DumpKind.KERNEL
@@ -288,6 +315,7 @@ class ElfDump(Dump):
             arch=self.arch, kind=self.kind, segments=segs, notes=self._image_notes(),
             vmcoreinfo=self.vmcoreinfo, page_size=self.page_size, crash_time=None,
             extra={"source_format": self.format, "source": self.path},
+            missing=list(self.missing),
         )
 
 

@@ -58,6 +58,7 @@ class FlatBlob(Blob):
             warnings.append("flattened file has no end marker: the dump is incomplete")
         elif pos < total:
             warnings.append(f"{total - pos} bytes after the flattened end marker are ignored")
+        self.ended = ended  # False: the stream was cut short (no end marker)
         self.records = len(starts)
         self._build(starts, ends, srcs)
         self.size = self._ends[-1] if len(self._ends) else 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 import re
 import struct
+import sys
+from array import array
 from collections.abc import Iterator
 
 from .arch import ARCHITECTURES, ArchInfo
@@ -37,12 +39,14 @@ from .read_base import (
     FileBlob,
     PageNotDumpedError,
     cstr,
+    merge_ranges,
     vmcoreinfo_facts,
 )
 from .read_flat import FlatBlob
 from .segments import CallableSource, MemorySegment, SegmentSource
 
 _DESC_BLOCK = 4096  # page descriptors read (and cached) together
+_SCAN_BLOCK = 1 << 16  # page descriptors checked together for ``missing``
 # Sizes are the same in both byte orders.
 _HEADER_SIZE = DISK_DUMP_HEADER["<"].size
 _SUB_HEADER_SIZE = KDUMP_SUB_HEADER["<"].size
@@ -67,6 +71,8 @@ class KdumpDump(Dump):
         self._shared: dict[tuple[int, int, int], bytes] = {}
         self._truncation_noted = False
         self._parse()
+        if isinstance(self._blob, FlatBlob) and not self._blob.ended:
+            self.header["incomplete"] = True
         self._codec = PageDecoder(self.page_size)
 
     # -- header --
@@ -435,12 +441,65 @@ class KdumpDump(Dump):
             if msg not in self.warnings:
                 self.warnings.append(msg)
 
+    def _find_missing(self) -> list[tuple[int, int]]:
+        """Pages whose descriptor lies past the end of the file, was never written (offset 0:
+        makedumpfile leaves it so in a dump it cut short) or points past the end of the file."""
+        ps = self.page_size
+        limit = self._blob.size
+        swap = self.endian != ("<" if sys.byteorder == "little" else ">")
+        found: list[tuple[int, int]] = []
+        for (a, b), first in zip(self._runs, self._run_index, strict=True):
+            for pfn in range(a, b, _SCAN_BLOCK):
+                n = min(_SCAN_BLOCK, b - pfn)
+                raw = self._blob.pread(self._desc_off + (first + pfn - a) * _DESC_SIZE,
+                                       n * _DESC_SIZE)
+                have = len(raw) // _DESC_SIZE
+                if have < n:
+                    found.append((pfn + have, pfn + n))  # descriptors past the end of the file
+                if not have:
+                    continue
+                # Three 64-bit words per descriptor; the first is the data offset. Valid sizes
+                # are at most one page, so offsets in (0, limit - page] need no closer look.
+                words = array("q", raw[: have * _DESC_SIZE])
+                if swap:
+                    words.byteswap()
+                offsets = words[0::3]
+                if min(offsets) > 0 and max(offsets) <= limit - ps:
+                    continue
+                unpack = PAGE_DESC[self.endian].unpack_from
+                for k in range(have):
+                    offset, size, _, _ = unpack(raw, k * _DESC_SIZE)
+                    if offset == 0 or (offset > 0 and 0 < size <= ps and offset + size > limit):
+                        found.append((pfn + k, pfn + k + 1))
+        pfns = merge_ranges(found)
+        if pfns:
+            self.header["incomplete"] = True
+        return [(a * ps, b * ps) for a, b in pfns]
+
+    def _readable_runs(self) -> Iterator[tuple[int, int, int]]:
+        """(first pfn, end pfn, first descriptor index) of dumped pages outside ``missing``."""
+        ps = self.page_size
+        holes = [(a // ps, b // ps) for a, b in self.missing]
+        starts = [h[0] for h in holes]
+        for (a, b), first in zip(self._runs, self._run_index, strict=True):
+            pos = a
+            idx = max(bisect.bisect_right(starts, a) - 1, 0)
+            while pos < b:
+                while idx < len(holes) and holes[idx][1] <= pos:
+                    idx += 1
+                if idx < len(holes) and holes[idx][0] <= pos:
+                    pos = holes[idx][1]
+                    continue
+                stop = min(b, holes[idx][0]) if idx < len(holes) else b
+                yield pos, stop, first + pos - a
+                pos = stop
+
     def to_image(self) -> CoreImage:
         if self._fd < 0:
             raise UsageError("the dump is closed")
         ps = self.page_size
         segs: list[MemorySegment] = []
-        for (a, b), first in zip(self._runs, self._run_index, strict=True):
+        for a, b, first in self._readable_runs():
             segs.append(MemorySegment(
                 phys_addr=a * ps, data=self._run_source(a, b - a, first),
             ))
@@ -460,6 +519,7 @@ class KdumpDump(Dump):
             uts_version=uts_version if isinstance(uts_version, str) and uts_version else "#1",
             phys_base=phys_base if use_header and isinstance(phys_base, int) else None,
             extra={"source_format": self.format, "source": self.path},
+            missing=list(self.missing),
         )
 
     def _run_source(self, first_pfn: int, npages: int, first_index: int) -> SegmentSource:
