@@ -1,11 +1,13 @@
-"""One capture, end to end: collector -> write_dump -> sha256 -> sidecar -> retention.
+"""One capture, end to end: collector -> write_dump -> sha256 -> record -> retention.
 
 Shared by ``capture``/``convert`` on the command line and by the service, so both write, name,
-record and prune snapshots the same way. Cancellation is cooperative: a signal handler sets
-``Cancel``, and the next progress callback inside ``write_dump`` raises CaptureInterrupted, which
-``write_dump`` answers by removing its ``.incomplete`` file and the collector answers by releasing
-the target (resuming the process). Nothing half-written is left, and a process is never left
-stopped by an exception thrown at a random point of the ptrace code.
+record and prune snapshots the same way. Cancellation is cooperative (agent/cancel.py): nothing
+half-written is left, and the target is released on every path.
+
+The steps, in order (``_capture_once``): open the target's collector; reserve the store name
+before the collector stops the target (the record's fsyncs stay out of the pause); enter the
+collector and write the dump; leave it (the target runs again); hash the dump; build the record;
+commit it and apply retention.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from collections.abc import Iterator
+from typing import BinaryIO, cast
 
-from kdumpling import CompressionType, OutputFormat, write_dump
+from kdumpling import OutputFormat, WriteResult, write_dump
 from kdumpling.collectors.base import Snapshot
-from kdumpling.errors import CaptureInterrupted, DumpWriteError, KdumplingError, UsageError
+from kdumpling.errors import DumpWriteError, KdumplingError, UsageError
 from kdumpling.image import CoreImage, DumpKind
 from kdumpling.notes import (
     DEFAULT_NOTE_VENDOR,
@@ -34,12 +35,11 @@ from kdumpling.notes import (
     parse_annotations,
 )
 
-from .config import RetentionConfig
 from .log import get_logger
-from .store import Record, Reservation, Store, iso_time
-from .targets import Opener, TargetSpec, open_collector
-
-Progress = Callable[[int, int], None]
+from .record import CaptureResult, SnapshotRecord, UnreadableRange, iso_time
+from .settings import CaptureSettings, Destination
+from .store import Reservation, SnapshotStore
+from .targets import Opened, Target
 
 
 class TargetBusyError(KdumplingError):
@@ -48,94 +48,10 @@ class TargetBusyError(KdumplingError):
     exit_code = 75
 
 
-class Cancel:
-    """Set by signal handlers; checked at every progress step of a capture."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.signum = 0
-
-    def set(self, signum: int) -> None:
-        self.signum = signum
-        self.event.set()
-
-    @property
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def check(self) -> None:
-        if self.event.is_set():
-            raise interrupted(self.signum)
-
-
-def interrupted(signum: int) -> CaptureInterrupted:
-    name = signal.Signals(signum).name if signum else "a signal"
-    err = CaptureInterrupted(f"interrupted by {name}; the partial dump was removed")
-    if signum:
-        err.exit_code = 128 + signum
-    return err
-
-
-@dataclass
-class WriteOptions:
-    format: str = "auto"  # auto | elf | kdump | kdump-flat
-    compression: str = "auto"  # auto | none | zlib | lzo | snappy | zstd
-    compression_level: int | None = None
-    dump_level: int | None = None
-    threads: int | None = None
-
-    def merged(self, **over: Any) -> WriteOptions:
-        return dataclasses.replace(self, **{k: v for k, v in over.items()
-                                            if v is not None and v != "auto"})
-
-
-@dataclass
-class Destination:
-    """Where a capture goes: a store, one file, or a stream (stdout)."""
-
-    store: Store | None = None
-    path: str | None = None
-    stream: BinaryIO | None = None
-    force: bool = False
-
-
-@dataclass
-class CaptureSettings:
-    options: WriteOptions = field(default_factory=WriteOptions)
-    annotations: dict[str, str] = field(default_factory=dict)
-    retention: RetentionConfig | None = None  # None: no retention (file/stream output)
-    keep_for: Callable[[str], int] | None = None
-    progress: Progress | None = None
-    cancel: Cancel | None = None
-    opener: Opener = open_collector
-    retry_on_full: bool = True
-
-
 EXTENSIONS = {("elf", DumpKind.PROCESS): "core", ("elf", DumpKind.KERNEL): "vmcore",
               ("kdump", DumpKind.PROCESS): "kdump", ("kdump", DumpKind.KERNEL): "kdump",
               ("kdump-flat", DumpKind.PROCESS): "kdump-flat",
               ("kdump-flat", DumpKind.KERNEL): "kdump-flat"}
-
-
-# What a target type captures, known before the collector runs (a converted file can be either).
-KIND_OF_TYPE = {"process": DumpKind.PROCESS, "libvirt": DumpKind.KERNEL, "qmp": DumpKind.KERNEL,
-                "raw": DumpKind.KERNEL}
-
-
-def choose_format(opts: WriteOptions, kind: DumpKind, streaming: bool) -> OutputFormat:
-    if opts.format != "auto":
-        return OutputFormat.parse(opts.format)
-    if kind is DumpKind.PROCESS:
-        return OutputFormat.ELF  # gdb and eu-stack read ELF process cores only
-    return OutputFormat.KDUMP_FLATTENED if streaming else OutputFormat.KDUMP_COMPRESSED
-
-
-def choose_compression(opts: WriteOptions, fmt: OutputFormat) -> CompressionType:
-    if fmt is OutputFormat.ELF:
-        return CompressionType.NONE
-    if opts.compression == "auto":
-        return CompressionType.ZLIB  # every reader (crash, drgn, libkdumpfile) decodes it
-    return CompressionType[opts.compression.upper()]
 
 
 def with_annotations(image: CoreImage, extra: dict[str, str]) -> tuple[CoreImage, dict[str, str]]:
@@ -194,24 +110,13 @@ class HashingWriter:
         return self.raw.fileno()
 
 
-def _process_exe(spec: TargetSpec) -> str | None:
-    """The executable of a process target, so ``debug`` can hand it to gdb."""
-    pid = spec.params.get("resolved_pid")
-    if spec.type != "process" or not pid:
-        return None
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
 def _nospace(err: BaseException) -> bool:
     return isinstance(err, DumpWriteError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Block SIGTERM/SIGINT/SIGHUP while a sidecar is written (it must land whole)."""
+    """Block SIGTERM/SIGINT/SIGHUP while a record is written (it must land whole)."""
     sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -223,59 +128,113 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _snapshot_facts(snap: Snapshot) -> dict[str, Any]:
-    return {
-        "warnings": list(snap.warnings),
-        # expected holes ([vvar], [vsyscall]: the kernel's own cores have them too) are
-        # recorded but are not a reason to exit 1
-        "unreadable": [{"start": u.start, "end": u.end, "reason": u.reason,
-                        "expected": u.expected} for u in snap.unreadable],
-        "truncated": bool(snap.truncated),
-        "pause_seconds": None if snap.pause_seconds is None else round(snap.pause_seconds, 6),
-        "meta": {k: v for k, v in snap.meta.items()
-                 if isinstance(v, str | int | float | bool | list | dict) or v is None},
-    }
+def capture(target: Target, dest: Destination, settings: CaptureSettings) -> CaptureResult:
+    """Capture ``target`` into ``dest``; the result is what ``--json`` prints.
 
-
-def capture(spec: TargetSpec, dest: Destination, settings: CaptureSettings) -> dict[str, Any]:
-    """Capture ``spec`` into ``dest``; returns the result record (what ``--json`` prints).
-
-    Raises KdumplingError subclasses; the record's ``exit_code`` is 1 when the dump was written
-    with warnings (unreadable ranges, truncated), else 0.
+    Raises KdumplingError subclasses; the result's ``exit_code`` is 1 when the dump was written
+    with warnings (unreadable ranges, truncated), else 0. Into a store, the target is locked
+    against overlapping captures, and a full disk costs the target's oldest snapshot and one
+    retry.
     """
-    if dest.store is not None:
-        with dest.store.lock_target(spec.key) as locked:
-            if not locked:
-                raise TargetBusyError(f"a capture of {spec.label} is already running")
-            attempts = 2 if settings.retry_on_full else 1
-            pruned: list[str] = []
-            for attempt in range(attempts):
-                try:
-                    result = _capture_once(spec, dest, settings)
-                except DumpWriteError as err:
-                    if attempt + 1 < attempts and _nospace(err):
-                        victim = dest.store.prune_oldest_of(spec.key)
-                        if victim is not None:
-                            pruned.append(victim.id)
-                            get_logger().warning(
-                                "%s: disk full; removed the oldest snapshot of this target (%s) "
-                                "and retrying", spec.label, victim.id)
-                            continue
-                    if _nospace(err):
-                        extra = f"; removed {', '.join(pruned)}" if pruned else ""
-                        raise DumpWriteError(f"{err}{extra}", err.path, err.errno) from err
+    if dest.store is None:
+        return _capture_once(target, dest, settings)
+    store = dest.store
+    with store.lock_target(target.key) as locked:
+        if not locked:
+            raise TargetBusyError(f"a capture of {target.label} is already running")
+        pruned: list[str] = []
+        attempts = 2 if settings.retry_on_full else 1
+        for attempt in range(attempts):
+            try:
+                result = _capture_once(target, dest, settings)
+            except DumpWriteError as err:
+                if not _nospace(err):
                     raise
-                result["pruned"] = pruned + result.get("pruned", [])
-                return result
-    return _capture_once(spec, dest, settings)
+                if attempt + 1 < attempts:
+                    victim = store.prune_oldest_of(target.key)
+                    if victim is not None:
+                        pruned.append(victim.id)
+                        get_logger().warning(
+                            "%s: disk full; removed the oldest snapshot of this target (%s) "
+                            "and retrying", target.label, victim.id)
+                        continue
+                extra = f"; removed {', '.join(pruned)}" if pruned else ""
+                raise DumpWriteError(f"{err}{extra}", err.path, err.errno) from err
+            result.pruned = pruned + result.pruned
+            return result
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _capture_once(spec: TargetSpec, dest: Destination, settings: CaptureSettings) \
-        -> dict[str, Any]:
+class _Output:
+    """Where one capture's dump goes: a reserved store name, a file, or a hashed stream."""
+
+    def __init__(self, target: Target, dest: Destination, settings: CaptureSettings,
+                 started: float) -> None:
+        self.target, self.dest, self.settings, self.started = target, dest, settings, started
+        self.res: Reservation | None = None
+        self.hasher: HashingWriter | None = None
+
+    @property
+    def store(self) -> SnapshotStore | None:
+        return self.dest.store
+
+    def _reserve(self, kind: DumpKind) -> None:
+        assert self.store is not None
+        ext = EXTENSIONS[(self.settings.options.format_for(kind, False).value, kind)]
+        self.res = self.store.reserve(
+            self.target.key, ext,
+            SnapshotRecord(target=self.target.label, type=self.target.type_name),
+            when=self.started)
+
+    def reserve_early(self) -> None:
+        """Before the collector stops the target, when its kind is known already."""
+        if self.store is not None and self.target.kind is not None:
+            self._reserve(self.target.kind)
+
+    def open(self, kind: DumpKind) -> str | BinaryIO:
+        """What write_dump writes to, for a dump of ``kind``."""
+        if self.store is not None:
+            if self.res is None or self.target.kind is not kind:
+                self.abandon()
+                self._reserve(kind)
+            assert self.res is not None
+            return self.res.path
+        if self.dest.path is not None:
+            if os.path.lexists(self.dest.path) and not self.dest.force:
+                raise UsageError(f"{self.dest.path} exists; use --force to replace it")
+            return self.dest.path
+        assert self.dest.stream is not None
+        self.hasher = HashingWriter(self.dest.stream)
+        # write_dump uses only write, flush, seekable and fileno of a stream
+        return cast(BinaryIO, self.hasher)
+
+    def sha256(self, wr: WriteResult) -> str:
+        return self.hasher.sha.hexdigest() if self.hasher is not None else \
+            sha256_file(wr.path or "")
+
+    def abandon(self) -> None:
+        if self.res is not None and self.store is not None:
+            self.store.abandon(self.res)
+            self.res = None
+
+
+@dataclasses.dataclass
+class _Written:
+    """What came out of the collector and the writer, before the record is made."""
+
+    snap: Snapshot
+    image: CoreImage
+    annotations: dict[str, str]
+    fmt: OutputFormat
+    result: WriteResult
+    write_seconds: float
+
+
+def _write(opened: Opened, out: _Output, dest: Destination, settings: CaptureSettings) \
+        -> _Written:
+    """Enter the collector (the target stops), write the dump, leave it (the target runs)."""
     opts = settings.options
     cancel = settings.cancel
-    started = time.time()
-    t0 = time.monotonic()
 
     def progress(done: int, total: int) -> None:
         if cancel is not None:
@@ -283,106 +242,77 @@ def _capture_once(spec: TargetSpec, dest: Destination, settings: CaptureSettings
         if settings.progress is not None:
             settings.progress(done, total)
 
-    if cancel is not None:
-        cancel.check()
-    collector = settings.opener(spec)
-    exe = _process_exe(spec)
-    store = dest.store
-    res = None
-    hasher: HashingWriter | None = None
+    with opened.collector as snap:
+        image, annotations = with_annotations(snap.image, settings.annotations)
+        fmt = opts.format_for(image.kind, dest.stream is not None)
+        output = out.open(image.kind)
+        w0 = time.monotonic()
+        wr = write_dump(image, output, format=fmt, compression=opts.codec_for(fmt),
+                        compression_level=opts.level, dump_level=opts.dump_level_or_default,
+                        threads=opts.threads, progress=progress)
+        return _Written(snap, image, annotations, fmt, wr, time.monotonic() - w0)
 
-    def reserve(kind: DumpKind) -> Reservation:
-        assert store is not None
-        ext = EXTENSIONS[(choose_format(opts, kind, False).value, kind)]
-        return store.reserve(spec.key, ext, {"target": spec.label, "type": spec.type},
-                             when=started)
 
+def _record(target: Target, opened: Opened, w: _Written, settings: CaptureSettings, sha: str,
+            t0: float) -> SnapshotRecord:
+    snap, wr, elf = w.snap, w.result, w.fmt is OutputFormat.ELF
+    return SnapshotRecord(
+        target=target.label, target_key=target.key, type=target.type_name,
+        kind=w.image.kind.value, arch=w.image.arch.name, pid=opened.pid or None,
+        exe=opened.exe or None, format=w.fmt.value, codec=wr.compression.name.lower(),
+        compression_level=None if elf else settings.options.level,
+        dump_level=settings.options.dump_level_or_default,
+        bytes_in=wr.bytes_in, bytes_out=wr.bytes_out,
+        pages=None if elf else wr.pages, zero_pages=None if elf else wr.zero_pages,
+        sha256=sha, write_seconds=round(w.write_seconds, 6),
+        total_seconds=round(time.monotonic() - t0, 6), annotations=w.annotations,
+        warnings=list(snap.warnings),
+        unreadable=[UnreadableRange(u.start, u.end, u.reason, u.expected)
+                    for u in snap.unreadable],
+        truncated=bool(snap.truncated),
+        pause_seconds=None if snap.pause_seconds is None else round(snap.pause_seconds, 6),
+        meta={k: v for k, v in snap.meta.items()
+              if isinstance(v, str | int | float | bool | list | dict) or v is None})
+
+
+def _exit_code(record: SnapshotRecord) -> int:
+    """1: written with warnings (unreadable ranges, truncated); 0: whole."""
+    return 1 if (record.has_warnings or record.truncated) else 0
+
+
+def _finish(target: Target, out: _Output, record: SnapshotRecord, wr: WriteResult,
+            settings: CaptureSettings, started: float) -> CaptureResult:
+    """Commit the record in the store and apply retention (or stamp a file's record)."""
+    code = _exit_code(record)
+    if out.store is None or out.res is None:
+        record.time, record.time_unix = iso_time(started), round(started, 3)
+        return CaptureResult(record, wr.path, code)
+    res, store = out.res, out.store
+    with _signals_deferred():
+        record = store.commit(res, record)
+    result = CaptureResult(record, res.path, code)
+    if settings.retention is not None:
+        removed = store.enforce(settings.retention, target.key, settings.keep_for,
+                                protect=frozenset({res.id}))
+        result.pruned = [r.id for r in removed]
+    return result
+
+
+def _capture_once(target: Target, dest: Destination, settings: CaptureSettings) \
+        -> CaptureResult:
+    started, t0 = time.time(), time.monotonic()
+    if settings.cancel is not None:
+        settings.cancel.check()
+    opened = settings.opener(target, dest.open_context)
+    out = _Output(target, dest, settings, started)
     try:
-        kind_hint = KIND_OF_TYPE.get(spec.type)
-        if store is not None and kind_hint is not None:
-            # Reserved before the collector stops the target: the sidecar's fsyncs stay out of
-            # the target's pause.
-            res = reserve(kind_hint)
-        with collector as snap:
-            image, annotations = with_annotations(snap.image, settings.annotations)
-            streaming = dest.stream is not None
-            fmt = choose_format(opts, image.kind, streaming)
-            ctype = choose_compression(opts, fmt)
-            level = opts.compression_level if opts.compression_level is not None else 1
-            dump_level = opts.dump_level if opts.dump_level is not None else 1
-            output: str | BinaryIO
-            if store is not None:
-                if res is None or kind_hint is not image.kind:
-                    if res is not None:
-                        store.abandon(res)
-                    res = reserve(image.kind)
-                output = res.path
-            elif dest.path is not None:
-                if os.path.lexists(dest.path) and not dest.force:
-                    raise UsageError(f"{dest.path} exists; use --force to replace it")
-                output = dest.path
-            else:
-                assert dest.stream is not None
-                hasher = HashingWriter(dest.stream)
-                output = hasher  # type: ignore[assignment]
-            w0 = time.monotonic()
-            wr = write_dump(image, output, format=fmt, compression=ctype,
-                            compression_level=level, dump_level=dump_level,
-                            threads=opts.threads, progress=progress)
-            write_seconds = time.monotonic() - w0
+        out.reserve_early()
+        written = _write(opened, out, dest, settings)
+        # The target is released here (collectors know the pause only now); hashing the file
+        # does not keep it paused.
+        sha = out.sha256(written.result)
     except BaseException:
-        if res is not None and store is not None:
-            store.abandon(res)
+        out.abandon()
         raise
-    # The target is released here (collectors know the pause only now); hashing the file does
-    # not keep it paused.
-    facts = _snapshot_facts(snap)
-    try:
-        sha = hasher.sha.hexdigest() if hasher is not None else sha256_file(wr.path or "")
-    except BaseException:
-        if res is not None and store is not None:
-            store.abandon(res)
-        raise
-    warnings_ = facts["warnings"]
-    unexpected = [u for u in facts["unreadable"] if not u["expected"]]
-    exit_code = 1 if (warnings_ or unexpected or facts["truncated"]) else 0
-    record: dict[str, Any] = {
-        "target": spec.label,
-        "target_key": spec.key,
-        "type": spec.type,
-        "kind": image.kind.value,
-        "arch": image.arch.name,
-        "format": fmt.value,
-        "codec": wr.compression.name.lower(),
-        "compression_level": level if fmt is not OutputFormat.ELF else None,
-        "dump_level": dump_level,
-        "bytes_in": wr.bytes_in,
-        "bytes_out": wr.bytes_out,
-        "pages": wr.pages if fmt is not OutputFormat.ELF else None,
-        "zero_pages": wr.zero_pages if fmt is not OutputFormat.ELF else None,
-        "sha256": sha,
-        "write_seconds": round(write_seconds, 6),
-        "total_seconds": round(time.monotonic() - t0, 6),
-        "annotations": annotations,
-        **facts,
-    }
-    if spec.params.get("resolved_pid"):
-        record["pid"] = spec.params["resolved_pid"]
-    if exe:
-        record["exe"] = exe
-    if store is not None and res is not None:
-        with _signals_deferred():
-            full = store.commit(res, record)
-        record = {**full, "path": res.path}
-        record.pop("dev", None)
-        record.pop("inode", None)
-        record["pruned"] = []
-        if settings.retention is not None:
-            removed: list[Record] = store.enforce(settings.retention, spec.key, settings.keep_for,
-                                                  protect=frozenset({res.id}))
-            record["pruned"] = [r.id for r in removed]
-    else:
-        record.update({"id": None, "path": wr.path, "time": iso_time(started),
-                       "time_unix": round(started, 3), "pruned": []})
-    record["exit_code"] = exit_code
-    return record
+    record = _record(target, opened, written, settings, sha, t0)
+    return _finish(target, out, record, written.result, settings, started)

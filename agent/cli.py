@@ -14,6 +14,7 @@ import sys
 import traceback
 from types import FrameType
 
+from kdumpling import __version__
 from kdumpling.errors import (
     DumpWriteError,
     KdumplingError,
@@ -31,7 +32,7 @@ from . import (
     cmd_service,
     cmd_verify,
 )
-from .capture import interrupted
+from .cancel import interrupted
 from .common import PROG, ArgumentParser, Context
 from .log import setup_logging
 
@@ -44,11 +45,7 @@ def build_parser() -> ArgumentParser:
         description="Capture crash dumps of live processes, QEMU/libvirt guests and memory "
                     "images, on demand or on a schedule.",
         epilog="Run 'kdumpling-agent COMMAND --help' for a command's options.")
-    try:
-        from kdumpling import __version__ as version
-    except ImportError:  # pragma: no cover - the writer is always there
-        version = "?"
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=ArgumentParser)
     for mod in (cmd_capture, cmd_convert, cmd_list, cmd_info, cmd_verify, cmd_prune, cmd_debug,
@@ -117,10 +114,6 @@ def _report(err: BaseException, verbose: int, internal: bool = False) -> None:
             text += " (run with -v for the traceback)"
     sys.stderr.write(f"{PROG}: error: {text}\n")
     sys.stderr.flush()
-
-
-def entry() -> None:  # pragma: no cover - console script convenience
-    sys.exit(main())
 
 
 if __name__ == "__main__":

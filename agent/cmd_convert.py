@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
-from .cmd_capture import run_capture
-from .common import Context, add_common, add_write_options
-from .store import slug
-from .targets import TargetSpec
+from kdumpling.errors import UsageError
+
+from .common import Context, add_common, add_write_options, run_capture
+from .targets import ConvertTarget
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    p = sub.add_parser("convert", help="rewrite a dump in another format or codec",
-                       description="Read any dump our reader opens (ELF, kdump, flattened kdump) "
-                                   "and write it again: OUT is a file, a directory, or - for the "
-                                   "flattened stream on stdout.")
-    p.add_argument("input", metavar="IN")
+    p = sub.add_parser("convert", help=ConvertTarget.help, description=ConvertTarget.description)
+    ConvertTarget.add_arguments(p)
     p.add_argument("out", metavar="OUT")
     add_write_options(p)
     add_common(p, "print the result as one JSON object on stdout")
@@ -27,9 +23,5 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def run(ctx: Context) -> int:
     a = ctx.args
     if a.output and a.output != a.out:
-        from kdumpling.errors import UsageError
         raise UsageError("give the output once: as OUT or with -o")
-    path = os.path.abspath(a.input)
-    base = os.path.basename(path).split(".")[0] or "dump"
-    spec = TargetSpec("convert", slug(base), f"dump {a.input}", {"path": path})
-    return run_capture(ctx, spec, a.out)
+    return run_capture(ctx, ConvertTarget.from_args(a), a.out)

@@ -17,8 +17,7 @@ from typing import Any
 
 from kdumpling.errors import UsageError
 
-from .cmd_info import dump_facts, locate
-from .common import Context, add_common, add_directory
+from .common import Context, add_common, add_directory, dump_facts, locate
 from .targets import FeatureUnavailableError
 
 
@@ -64,13 +63,9 @@ def run(ctx: Context) -> int:
     loc.close()
     kind = exe = None
     if loc.record is not None:
-        kind = loc.record.data.get("kind")
-        exe = loc.record.data.get("exe")
+        kind, exe = loc.record.snapshot.kind, loc.record.snapshot.exe
     if kind is None:
-        try:
-            kind = dump_facts(loc.path)["kind"]
-        except FeatureUnavailableError:
-            kind = "process"
+        kind = dump_facts(loc.path)["kind"]
     if exe and not os.path.exists(str(exe)):
         exe = None  # the binary was upgraded or removed: gdb still reads the core alone
     debugger = a.debugger or os.environ.get("KDUMPLING_DEBUGGER") or None

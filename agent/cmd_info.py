@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-from dataclasses import dataclass
 from typing import Any
 
-from kdumpling.errors import KdumplingError, UsageError
-
-from .common import Context, add_common, add_directory
-from .store import SCHEMA, SIDECAR_SUFFIX, Record, Store
-from .targets import FeatureUnavailableError
+from .common import Context, add_common, add_directory, dump_facts, locate
 from .units import format_size
 
 
@@ -28,76 +21,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-@dataclass
-class Located:
-    path: str
-    record: Record | None
-    store: Store | None
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-
-
-def _looks_like_path(text: str) -> bool:
-    return "/" in text or os.path.lexists(text)
-
-
-def locate(ctx: Context, what: str) -> Located:
-    """A snapshot ID (or unique prefix) in the store, or a path to any dump file."""
-    if _looks_like_path(what):
-        path = os.path.abspath(what)
-        if not os.path.exists(path):
-            raise UsageError(f"no such file: {what}")
-        directory, name = os.path.split(path)
-        ident = name.rsplit(".", 1)[0]
-        sidecar = os.path.join(directory, ident + SIDECAR_SUFFIX)
-        with contextlib.suppress(OSError, ValueError, KdumplingError):
-            with open(sidecar, "rb") as f:
-                data = json.loads(f.read(1 << 20))
-            if isinstance(data, dict) and data.get("schema") == SCHEMA and data.get("file") == name:
-                side = Store(directory, create=False)
-                return Located(path, Record(ident, data, ident + SIDECAR_SUFFIX), side)
-        return Located(path, None, None)
-    store = ctx.open_store(create=False)
-    if store is None:
-        raise KdumplingError(f"no snapshot {what!r}: {ctx.store_dir()} does not exist")
-    try:
-        rec = store.find(what)
-    except BaseException:
-        store.close()
-        raise
-    return Located(store.path_of(rec.file), rec, store)
-
-
-def dump_facts(path: str) -> dict[str, Any]:
-    """What our reader sees in the file (FeatureUnavailableError if the reader is missing)."""
-    try:
-        from kdumpling.reader import open_dump
-    except ImportError:
-        raise FeatureUnavailableError("this kdumpling install has no dump reader") from None
-    with open_dump(path) as d:
-        fields = d.vmcoreinfo_fields
-        notes: dict[str, int] = {}
-        for n in d.notes:
-            key = f"{n.name.decode('ascii', 'replace')}/{n.type:#x}"
-            notes[key] = notes.get(key, 0) + 1
-        return {
-            "format": d.format, "arch": d.arch.name, "kind": d.kind.value,
-            "page_size": d.page_size, "segments": len(d.segments),
-            "memory_bytes": d.memory_size, "file_bytes": os.path.getsize(path),
-            "cpus_or_threads": len(d.cpus), "notes": notes,
-            "osrelease": fields.get("OSRELEASE"), "annotations": d.annotations,
-            "reader_warnings": list(d.warnings),
-        }
-
-
 def run(ctx: Context) -> int:
     loc = locate(ctx, ctx.args.what)
     try:
         out: dict[str, Any] = {"path": loc.path}
         if loc.record is not None and loc.store is not None:
-            data = dict(loc.record.data)
+            data = loc.record.snapshot.to_json()
             data.pop("dev", None)
             data.pop("inode", None)
             out["snapshot"] = data

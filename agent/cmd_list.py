@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from .common import Context, add_common, add_directory
-from .store import Record, Store
+from .store import Record, SnapshotStore
 from .units import format_size
 
 
@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-def listing(store: Store, rec: Record) -> dict[str, Any]:
-    out = dict(rec.data)
+def listing(store: SnapshotStore, rec: Record) -> dict[str, Any]:
+    out = rec.snapshot.to_json()
     out.pop("dev", None)
     out.pop("inode", None)
     out.pop("mtime_ns", None)
@@ -38,37 +38,42 @@ def listing(store: Store, rec: Record) -> dict[str, Any]:
 def run(ctx: Context) -> int:
     a = ctx.args
     store = ctx.open_store(create=False)
-    records = store.records() if store else []
-    if a.match:
-        records = [r for r in records if r.target_key == a.match or r.id.startswith(a.match)]
-    if a.n is not None:
-        records = records[-a.n:] if a.n > 0 else []
-    if a.reverse:
-        records.reverse()
-    rows = [listing(store, r) for r in records] if store else []
-    if store:
-        store.close()
+    if store is None:
+        records: list[Record] = []
+        listed: list[dict[str, Any]] = []
+    else:
+        with store:
+            records = store.records()
+            if a.match:
+                records = [r for r in records
+                           if r.target_key == a.match or r.id.startswith(a.match)]
+            if a.n is not None:
+                records = records[-a.n:] if a.n > 0 else []
+            if a.reverse:
+                records.reverse()
+            listed = [listing(store, r) for r in records]
     if ctx.json:
-        ctx.emit(rows)
+        ctx.emit(listed)
         return 0
+    rows = [(r.snapshot, str(row["status"])) for r, row in zip(records, listed, strict=True)]
     if not rows:
         ctx.say(f"No snapshots in {ctx.store_dir()}.")
         return 0
     header = ("TIME", "TARGET", "KIND", "FORMAT", "SIZE", "STATE", "ID")
     table = [header]
-    for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(r.get("time_unix", 0))))
-        fmt = str(r.get("format", "?"))
-        if r.get("codec") not in (None, "none"):
-            fmt += f"/{r['codec']}"
-        size = format_size(r["bytes_out"]) if isinstance(r.get("bytes_out"), int) else "-"
-        state = r["status"]
-        if r.get("truncated"):
+    for snap, status in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.time_or_zero))
+        fmt = snap.format or "?"
+        if snap.codec not in (None, "none"):
+            fmt += f"/{snap.codec}"
+        size = format_size(snap.bytes_out) if snap.bytes_out is not None else "-"
+        state = status
+        if snap.truncated:
             state += ",truncated"
-        elif r.get("warnings") or any(not u.get("expected") for u in r.get("unreadable", [])):
+        elif snap.has_warnings:
             state += ",warnings"
-        table.append((when, str(r.get("target_key", "")), str(r.get("kind", "-")), fmt, size,
-                      state, str(r.get("id", ""))))
+        table.append((when, snap.target_key or "", snap.kind or "-", fmt, size, state,
+                      snap.id or ""))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         ctx.say("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -12,6 +12,7 @@ Example (see systemd/agent.toml.example)::
     directory = "/var/lib/kdumpling"
     format = "auto"          # auto | elf | kdump | kdump-flat
     compression = "auto"     # auto | none | zlib | lzo | snappy | zstd
+    compression_level = 1    # 1-9 (lzo and snappy have no levels)
     [retention]
     keep = 5                 # per target
     max_use = "10%"
@@ -31,28 +32,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdumpling.collectors.base import GUEST_DUMP_FORMATS
 from kdumpling.errors import ConfigError
 
 from .calendar import CalendarSpec, parse_calendar
-from .units import SizeLimit, parse_duration, parse_size, parse_size_limit
+from .checker import Checker
+from .options import (
+    COMPRESSION_CHOICES,
+    FORMAT_CHOICES,
+    LEVEL_MAX,
+    LEVEL_MIN,
+    WriteOptions,
+    parse_codec,
+    parse_format,
+)
+from .store import DEFAULT_STORE
+from .targets import CONFIG_TYPES, TARGET_TYPES, Target
+from .units import SizeLimit, parse_duration
 
 DEFAULT_CONFIG = "/etc/kdumpling/agent.toml"
-DEFAULT_STORE = "/var/lib/kdumpling"
-FORMATS = ("auto", "elf", "kdump", "kdump-flat")
-COMPRESSIONS = ("auto", "none", "zlib", "lzo", "snappy", "zstd")
-TARGET_TYPES = ("process", "libvirt", "qmp")
-PROCESS_SELECTORS = ("pid", "pid_file", "process", "unit")
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_STORE", "AgentConfig", "OutputConfig", "RetentionConfig",
+           "Schedule", "TargetConfig", "load_config", "parse_config"]
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     directory: str | None = None  # None: /var/lib/kdumpling for root, else XDG state dir
-    format: str = "auto"
-    compression: str = "auto"
-    compression_level: int | None = None
-    dump_level: int | None = None
-    threads: int | None = None
+    options: WriteOptions = field(default_factory=WriteOptions)
 
 
 _MAX_USE = SizeLimit(percent=10.0)  # coredump.conf's defaults
@@ -89,16 +94,19 @@ class Schedule:
 
 @dataclass(frozen=True)
 class TargetConfig:
+    """One ``[targets.NAME]`` table: what to capture, when, and how to write it."""
+
     name: str
-    type: str
+    target: Target  # of the type the table names (agent/targets.py)
     schedule: Schedule
-    params: Mapping[str, Any] = field(default_factory=dict)  # type-specific, validated
-    format: str | None = None
-    compression: str | None = None
-    compression_level: int | None = None
-    dump_level: int | None = None
+    options: WriteOptions = field(default_factory=WriteOptions)  # overrides of [output]
     keep: int | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)
+    enabled: bool = True
+
+    @property
+    def type(self) -> str:
+        return self.target.type_name
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,13 @@ class AgentConfig:
     retention: RetentionConfig = RetentionConfig()
     targets: tuple[TargetConfig, ...] = ()
     files: tuple[str, ...] = ()  # what was read, in order
+
+    def keep_for(self, target_key: str) -> int:
+        """How many snapshots of a target retention keeps (its own ``keep``, else the default)."""
+        for t in self.targets:
+            if t.name == target_key and t.keep is not None:
+                return t.keep
+        return self.retention.keep
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,114 +134,26 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Checker:
-    """Pulls typed values out of a TOML table, naming the key on every error."""
-
-    def __init__(self, table: Mapping[str, Any], prefix: str, where: str) -> None:
-        self.table, self.prefix, self.where = table, prefix, where
-        self.used: set[str] = set()
-
-    def fail(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {self.prefix}{key}: {reason}")
-
-    def get(self, key: str) -> Any:
-        self.used.add(key)
-        return self.table.get(key)
-
-    def has(self, key: str) -> bool:
-        return key in self.table
-
-    def string(self, key: str, default: str | None = None,
-               choices: tuple[str, ...] | None = None) -> str | None:
-        value = self.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value:
-            raise self.fail(key, f"expected a non-empty string, got {value!r}")
-        if choices and value not in choices:
-            raise self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def integer(self, key: str, lo: int, hi: int, default: int | None = None) -> int | None:
-        value = self.get(key)
-        if value is None:
-            return default
-        if isinstance(value, str):
-            try:
-                value = int(value, 0)
-            except ValueError:
-                raise self.fail(key, f"expected an integer, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected an integer, got {value!r}")
-        if not lo <= value <= hi:
-            raise self.fail(key, f"must be between {lo} and {hi}, got {value}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.fail(key, f"expected true or false, got {value!r}")
-        return value
-
-    def size_limit(self, key: str, default: SizeLimit | None) -> SizeLimit | None:
-        if not self.has(key):
-            self.used.add(key)
-            return default
-        value = self.get(key)
-        if value in (0, "0", "off", "infinity"):
-            return None  # coredump.conf: 0 turns the limit off
-        try:
-            return parse_size_limit(value)
-        except (ValueError, TypeError) as err:
-            raise self.fail(key, str(err)) from None
-
-    def size(self, key: str) -> int | None:
-        value = self.get(key)
-        if value is None:
-            return None
-        try:
-            return parse_size(value)
-        except (ValueError, TypeError) as err:
-            raise self.fail(key, str(err)) from None
-
-    def table_of_strings(self, key: str) -> dict[str, str]:
-        value = self.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.fail(key, "expected a table of KEY = \"value\" strings")
-        out: dict[str, str] = {}
-        for k, v in value.items():
-            if not isinstance(v, str | int | float) or isinstance(v, bool):
-                raise self.fail(f"{key}.{k}", f"expected a string, got {v!r}")
-            if "=" in k or "\n" in k or "\n" in str(v):
-                raise self.fail(f"{key}.{k}", "keys must not contain '=' or newlines")
-            out[k] = str(v)
-        return out
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise self.fail(unknown[0], "unknown key")
+def _write_options(c: Checker, threads: bool) -> WriteOptions:
+    """format, compression, compression_level, dump_level (and threads in [output])."""
+    # the choices are the writer's own names; its parsers turn them into its enums
+    fmt = c.string("format", "auto", FORMAT_CHOICES) or "auto"
+    codec = c.string("compression", "auto", COMPRESSION_CHOICES) or "auto"
+    return WriteOptions(
+        format=parse_format(fmt), compression=parse_codec(codec),
+        compression_level=c.integer("compression_level", LEVEL_MIN, LEVEL_MAX),
+        dump_level=c.integer("dump_level", 0, 31),
+        threads=c.integer("threads", 1, 1024) if threads else None)
 
 
 def _output(table: Any, where: str) -> OutputConfig:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: output: expected a table")
-    c = _Checker(table, "output.", where)
+    c = Checker(table, "output.", where)
     directory = c.string("directory")
     if directory is not None and not os.path.isabs(directory):
         raise c.fail("directory", f"must be an absolute path, got {directory!r}")
-    out = OutputConfig(
-        directory=directory,
-        format=c.string("format", "auto", FORMATS) or "auto",
-        compression=c.string("compression", "auto", COMPRESSIONS) or "auto",
-        compression_level=c.integer("compression_level", 0, 22),
-        dump_level=c.integer("dump_level", 0, 31),
-        threads=c.integer("threads", 1, 1024),
-    )
+    out = OutputConfig(directory=directory, options=_write_options(c, threads=True))
     c.finish()
     return out
 
@@ -234,7 +161,7 @@ def _output(table: Any, where: str) -> OutputConfig:
 def _retention(table: Any, where: str) -> RetentionConfig:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: retention: expected a table")
-    c = _Checker(table, "retention.", where)
+    c = Checker(table, "retention.", where)
     defaults = RetentionConfig()
     out = RetentionConfig(
         keep=c.integer("keep", 0, 1_000_000, defaults.keep) or 0,
@@ -245,7 +172,7 @@ def _retention(table: Any, where: str) -> RetentionConfig:
     return out
 
 
-def _schedule(c: _Checker) -> Schedule:
+def _schedule(c: Checker) -> Schedule:
     has_interval, has_calendar = c.has("interval"), c.has("calendar")
     if has_interval and has_calendar:
         raise c.fail("interval", "set either interval or calendar, not both")
@@ -270,57 +197,21 @@ def _schedule(c: _Checker) -> Schedule:
 
 
 def _target(name: str, table: Any, where: str) -> TargetConfig:
-    prefix = f"targets.{name}."
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: targets.{name}: expected a table")
-    c = _Checker(table, prefix, where)
-    kind = c.string("type", None, TARGET_TYPES)
+    c = Checker(table, f"targets.{name}.", where)
+    kind = c.string("type", None, CONFIG_TYPES)
     if kind is None:
-        raise c.fail("type", f"missing; one of {', '.join(TARGET_TYPES)}")
+        raise c.fail("type", f"missing; one of {', '.join(CONFIG_TYPES)}")
     enabled = c.boolean("enabled", True)
     schedule = _schedule(c)
-    params: dict[str, Any] = {"enabled": enabled}
-    if kind == "process":
-        given = [k for k in PROCESS_SELECTORS if c.has(k)]
-        if len(given) != 1:
-            key = given[1] if len(given) > 1 else "process"
-            raise c.fail(key, "set exactly one of pid, pid_file, process, unit")
-        sel = given[0]
-        if sel == "pid":
-            params["pid"] = c.integer("pid", 1, 2**22)
-        else:
-            value = c.string(sel)
-            if sel == "pid_file" and value and not os.path.isabs(value):
-                raise c.fail(sel, f"must be an absolute path, got {value!r}")
-            params[sel] = value
-        params["select"] = c.string("select", "oldest", ("oldest", "newest"))
-        params["mode"] = c.string("mode", None, ("consistent", "low-pause"))
-        params["filter"] = c.integer("filter", 0, 0x1FF)
-        params["size_cap"] = c.size("size_cap")
-    else:
-        if kind == "libvirt":
-            params["domain"] = c.string("domain", name)
-            params["uri"] = c.string("uri", "qemu:///system")
-        else:
-            sock = c.string("socket")
-            if not sock:
-                raise c.fail("socket", "missing; the QMP socket path of the guest")
-            params["socket"] = sock
-        # Guests: spool into the store's file system first (shorter pause), and what QEMU
-        # writes (kdump-zlib implies the spool), as the CLI's --spool and --qemu-format.
-        params["dump_format"] = c.string("qemu_format", "elf", GUEST_DUMP_FORMATS)
-        params["spool"] = c.boolean("spool", False) or params["dump_format"] != "elf"
-    keep = c.integer("keep", 0, 1_000_000)
-    target = TargetConfig(
-        name=name, type=kind, schedule=schedule, params=params,
-        format=c.string("format", None, FORMATS),
-        compression=c.string("compression", None, COMPRESSIONS),
-        compression_level=c.integer("compression_level", 0, 22),
-        dump_level=c.integer("dump_level", 0, 31),
-        keep=keep, annotations=c.table_of_strings("annotations"),
-    )
+    target = TARGET_TYPES[kind].from_config(name, c)
+    out = TargetConfig(name=name, target=target, schedule=schedule,
+                       options=_write_options(c, threads=False),
+                       keep=c.integer("keep", 0, 1_000_000),
+                       annotations=c.table_of_strings("annotations"), enabled=enabled)
     c.finish()
-    return target
+    return out
 
 
 def parse_config(data: Mapping[str, Any], where: str = "config",
@@ -338,7 +229,7 @@ def parse_config(data: Mapping[str, Any], where: str = "config",
         if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name[0] == ".":
             raise ConfigError(f"{where}: targets.{name}: names may use letters, digits, - _ .")
         target = _target(name, table, where)
-        if target.params.get("enabled", True):
+        if target.enabled:
             targets.append(target)
     return AgentConfig(
         output=_output(data.get("output", {}), where),

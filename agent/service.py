@@ -32,16 +32,17 @@ import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
 from kdumpling.errors import CaptureInterrupted, ConfigError, KdumplingError
 
-from .capture import Cancel, CaptureSettings, Destination, WriteOptions, capture
+from .cancel import Cancel
+from .capture import capture
 from .config import AgentConfig, TargetConfig, load_config
 from .log import get_logger, kv
-from .store import Store, default_store_dir
+from .record import CaptureResult
+from .settings import CaptureSettings, Destination
+from .store import default_store_dir, open_store
 from .systemd import Notifier
-from .targets import spec_from_config
 from .units import format_duration, format_size
 
 STALL_SECONDS = 600.0  # no progress for this long: stop feeding the watchdog, let systemd act
@@ -149,8 +150,7 @@ class Service:
 
     def run(self) -> int:
         self.install_signals()
-        store = Store(self._store_dir, create=True)  # 77/74 now rather than at the first capture
-        store.close()
+        open_store(self._store_dir, create=True).close()  # 77/74 now, not at the first capture
         if not self.slots:
             self.log.warning("no targets configured in %s; idle until reloaded",
                              ", ".join(self.config.files) or self.config_path or "the config")
@@ -243,27 +243,12 @@ class Service:
                 self.notifier.status(f"capturing {t.name}: {pct:.0f}% "
                                      f"({format_size(done)}/{format_size(total)})")
 
-        out = self.config.output
-        opts = WriteOptions(out.format, out.compression, out.compression_level, out.dump_level,
-                            out.threads).merged(format=t.format, compression=t.compression,
-                                                compression_level=t.compression_level,
-                                                dump_level=t.dump_level)
-        per_keep = {s.target.name: s.target.keep for s in self.slots.values()
-                    if s.target.keep is not None}
-        default_keep = self.config.retention.keep
-        settings = CaptureSettings(
-            options=opts, annotations={"kdumpling.target": t.name, **t.annotations},
-            retention=self.config.retention,
-            keep_for=lambda key: per_keep.get(key, default_keep),
-            progress=progress, cancel=self.cancel)
+        settings = CaptureSettings.from_config(self.config, t, progress=progress,
+                                               cancel=self.cancel)
         code = 0
         try:
-            store = Store(self._store_dir, create=True)
-            try:
-                spec = spec_from_config(t, spool=self._store_dir)
-                record = capture(spec, Destination(store=store), settings)
-            finally:
-                store.close()
+            with open_store(self._store_dir, create=True) as store:
+                result = capture(t.target, Destination(store=store), settings)
         except KdumplingError as err:
             code = err.exit_code
             if isinstance(err, CaptureInterrupted) and not self.stop_signal:
@@ -281,23 +266,22 @@ class Service:
             self.log.exception("capture %s", kv(target=t.name, result="failed", exit_code=70,
                                                  error=f"{type(err).__name__}: {err}"))
         else:
-            code = int(record["exit_code"])
+            code = result.exit_code
             slot.last_result = "ok" if code == 0 else "ok with warnings"
-            self._log_result(t.name, record)
+            self._log_result(t.name, result)
         finally:
             self.capturing = None
         return code
 
-    def _log_result(self, name: str, r: dict[str, Any]) -> None:
-        fields = kv(target=name, result="ok" if r["exit_code"] == 0 else "warnings",
-                    id=r.get("id"), path=r.get("path"), format=r.get("format"),
-                    codec=r.get("codec"), bytes_in=r.get("bytes_in"),
-                    bytes_out=r.get("bytes_out"), sha256=r.get("sha256"),
-                    pause=r.get("pause_seconds"), seconds=r.get("total_seconds"),
-                    warnings=len(r.get("warnings", [])) + sum(
-                        1 for u in r.get("unreadable", []) if not u.get("expected")),
-                    pruned=",".join(r.get("pruned", [])) or None)
-        (self.log.info if r["exit_code"] == 0 else self.log.warning)("capture %s", fields)
+    def _log_result(self, name: str, result: CaptureResult) -> None:
+        r = result.record
+        fields = kv(target=name, result="ok" if result.exit_code == 0 else "warnings",
+                    id=r.id, path=result.path, format=r.format, codec=r.codec,
+                    bytes_in=r.bytes_in, bytes_out=r.bytes_out, sha256=r.sha256,
+                    pause=r.pause_seconds, seconds=r.total_seconds,
+                    warnings=len(r.warnings or []) + len(r.unexpected_unreadable),
+                    pruned=",".join(result.pruned) or None)
+        (self.log.info if result.exit_code == 0 else self.log.warning)("capture %s", fields)
 
 
 def serve(config_path: str | None, once: bool = False) -> int:

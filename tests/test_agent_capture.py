@@ -10,9 +10,10 @@ from types import TracebackType
 
 import pytest
 from kdumpling import KdumpBuilder
-from kdumpling.agent.capture import CaptureSettings, Destination, capture
-from kdumpling.agent.store import Store
-from kdumpling.agent.targets import TargetSpec
+from kdumpling.agent.capture import capture
+from kdumpling.agent.settings import CaptureSettings, Destination
+from kdumpling.agent.store_dir import DirectoryStore
+from kdumpling.agent.targets import LibvirtTarget, Opened, QmpTarget
 from kdumpling.collectors.base import Snapshot
 from kdumpling.errors import TargetGoneError
 
@@ -42,24 +43,27 @@ class StandIn:
 def test_store_reservation_is_made_before_the_target_stops(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     collector = StandIn(store_dir)
-    store = Store(str(store_dir), create=True)
+    store = DirectoryStore(str(store_dir), create=True)
     try:
-        record = capture(TargetSpec("qmp", "qmp-x", "qmp x"), Destination(store=store),
-                         CaptureSettings(opener=lambda spec: collector))
+        result = capture(QmpTarget(key="qmp-x", label="qmp x", socket="x"),
+                         Destination(store=store),
+                         CaptureSettings(opener=lambda target, ctx: Opened(collector)))
     finally:
         store.close()
     # the sidecar that reserves the name already existed when the collector paused the guest
     assert any(name.endswith(".json") for name in collector.seen_at_enter), collector.seen_at_enter
-    assert record["exit_code"] == 0 and Path(record["path"]).is_file()
+    assert result.exit_code == 0 and result.path is not None and Path(result.path).is_file()
 
 
 def test_a_target_that_fails_leaves_no_reservation(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
-    store = Store(str(store_dir), create=True)
+    store = DirectoryStore(str(store_dir), create=True)
     try:
         with pytest.raises(TargetGoneError):
-            capture(TargetSpec("libvirt", "vm1", "domain vm1"), Destination(store=store),
-                    CaptureSettings(opener=lambda spec: StandIn(store_dir, fail=True)))
+            capture(LibvirtTarget(key="vm1", label="domain vm1", domain="vm1"),
+                    Destination(store=store),
+                    CaptureSettings(opener=lambda target, ctx: Opened(StandIn(store_dir,
+                                                                              fail=True))))
     finally:
         store.close()
     assert [p.name for p in store_dir.iterdir() if not p.name.startswith(".")] == []

@@ -1,4 +1,4 @@
-"""The agent's config, schedules and store rules, without live processes.
+"""The agent's config, schedules and target types, without live processes.
 
 Calendar expressions are checked against ``systemd-analyze calendar`` (the reference
 implementation) rather than against expected strings of our own.
@@ -6,8 +6,6 @@ implementation) rather than against expected strings of our own.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import re
 import shutil
@@ -17,13 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from kdumpling import CompressionType
 from kdumpling.agent.calendar import parse_calendar
 from kdumpling.agent.config import load_config, parse_config
-from kdumpling.agent.store import Store
+from kdumpling.agent.targets import GuestTarget, LibvirtTarget, OpenContext
 from kdumpling.agent.units import parse_duration, parse_size, parse_size_limit
 from kdumpling.errors import ConfigError
-
-from tests.agenttools import assert_one_error_line, run_agent
 
 CALENDARS = ["daily", "hourly", "minutely", "weekly", "monthly", "quarterly", "yearly",
              "Mon..Fri 09:30", "Sat,Sun 12:00", "*:0/15", "*-*-01 00:00:00", "*-02-29 03:00",
@@ -91,11 +88,13 @@ def test_dropins_merge_in_lexical_order(tmp_path: Path) -> None:
            '[targets.vm]\ntype = "libvirt"\ncalendar = "hourly"\n')
     _write(tmp_path / "agent.toml.d" / "ignored.conf", "this is not read")
     cfg = load_config(str(main))
-    assert cfg.output.directory == "/srv/dumps" and cfg.output.compression == "zstd"
+    assert cfg.output.directory == "/srv/dumps"
+    assert cfg.output.options.compression is CompressionType.ZSTD
     assert [Path(f).name for f in cfg.files] == ["agent.toml", "10-first.toml", "20-later.toml"]
     targets = {t.name: t for t in cfg.targets}
     assert targets["web"].keep == 3 and targets["web"].schedule.interval == 900
-    assert targets["vm"].params["domain"] == "vm"  # defaults to the target's name
+    vm = targets["vm"].target
+    assert isinstance(vm, LibvirtTarget) and vm.domain == "vm"  # defaults to the target's name
     # an error names the file that holds it, the dotted key and the reason
     _write(tmp_path / "agent.toml.d" / "30-bad.toml", '[retention]\nkep = 3\n')
     with pytest.raises(ConfigError, match=r"30-bad\.toml: retention\.kep: unknown key"):
@@ -130,22 +129,23 @@ def test_invalid_config_names_the_key(tmp_path: Path, toml: str, key: str) -> No
 
 
 def test_guest_spool_and_qemu_format(tmp_path: Path) -> None:
-    from kdumpling.agent.targets import spec_from_config
-
     path = _write(tmp_path / "agent.toml",
                   '[targets.a]\ntype = "qmp"\nsocket = "/s"\ninterval = "1h"\n'
                   '[targets.b]\ntype = "libvirt"\ninterval = "1h"\nqemu_format = "kdump-zlib"\n'
                   '[targets.c]\ntype = "libvirt"\ninterval = "1h"\nspool = true\n')
-    t = {x.name: x for x in load_config(str(path)).targets}
-    assert "spool" not in spec_from_config(t["a"], spool="/store").params
-    b = spec_from_config(t["b"], spool="/store").params  # kdump-zlib implies the spool
-    assert b["spool"] == "/store" and b["dump_format"] == "kdump-zlib"
-    assert spec_from_config(t["c"], spool="/store").params["spool"] == "/store"
+    t = {x.name: x.target for x in load_config(str(path)).targets}
+    assert all(isinstance(g, GuestTarget) for g in t.values())
+    ctx = OpenContext(spool_dir="/store")
+    a, b, c = (t[n] for n in "abc")
+    assert isinstance(a, GuestTarget) and a.spool_dir(ctx) is None
+    assert isinstance(b, GuestTarget)  # kdump-zlib implies the spool
+    assert b.spool_dir(ctx) == "/store" and b.dump_format == "kdump-zlib"
+    assert isinstance(c, GuestTarget) and c.spool_dir(ctx) == "/store"
 
 
 def test_defaults_like_coredump_conf() -> None:
     cfg = parse_config({})
-    assert cfg.targets == () and cfg.output.format == "auto"
+    assert cfg.targets == () and cfg.output.options.format is None  # auto
     assert cfg.retention.max_use is not None and cfg.retention.max_use.percent == 10
     assert cfg.retention.keep_free is not None and cfg.retention.keep_free.percent == 15
     off = parse_config({"retention": {"max_use": 0, "keep_free": "0"}})
@@ -156,64 +156,3 @@ def test_example_config_loads() -> None:
     example = Path(__file__).resolve().parent.parent / "systemd" / "agent.toml.example"
     cfg = load_config(str(example))
     assert {t.type for t in cfg.targets} >= {"process", "libvirt"}
-
-
-def test_store_only_removes_what_it_wrote(tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "s"))
-    res = store.reserve("web", "core", {"target": "web"})
-    Path(res.path).write_bytes(b"x" * 4096)
-    store.commit(res, {"bytes_out": 4096})
-    (rec,) = store.records()
-    assert store.status(rec) == "present"
-    # replaced behind our back: same name, another file (maybe the same inode number, but a
-    # later mtime): not ours to delete
-    time.sleep(0.05)
-    os.unlink(res.path)
-    Path(res.path).write_bytes(b"y" * 4096)
-    assert store.status(rec) == "modified"
-    store.remove(rec)
-    assert Path(res.path).read_bytes() == b"y" * 4096
-    assert store.records() == []
-    # a JSON file that is not one of our records is ignored, and never touched
-    other = tmp_path / "s" / "notes.json"
-    other.write_text(json.dumps({"id": "notes"}))
-    assert store.records() == [] and other.exists()
-    store.close()
-
-
-def test_store_abandoned_capture_is_cleaned(tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "s"))
-    res = store.reserve("web", "core", {})
-    # a capture killed with SIGKILL leaves its .incomplete and a "capturing" record whose
-    # process is gone
-    Path(res.path + ".incomplete").write_bytes(b"partial")
-    data = json.loads((tmp_path / "s" / res.sidecar).read_text())
-    data["agent_pid"] = 4194000
-    (tmp_path / "s" / res.sidecar).write_text(json.dumps(data))
-    (rec,) = store.records()
-    assert store.status(rec) == "abandoned"
-    store.close()
-    proc = run_agent(["prune", "-D", str(tmp_path / "s"), "--json"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["cleaned"] == [res.id]
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == []
-
-
-def test_a_running_capture_of_the_same_target_is_not_overlapped(tmp_path: Path) -> None:
-    store_dir = tmp_path / "s"
-    store = Store(str(store_dir))
-    with store.lock_target("sleep") as got:
-        assert got
-        # the second taker of the same lock, in another process, is the CLI
-        with subprocess.Popen(["sleep", "60"]) as sleeper:
-            try:
-                proc = run_agent(["capture", "process", str(sleeper.pid), "-o", f"{store_dir}/"],
-                                 tmp_path)
-            finally:
-                sleeper.kill()
-        assert proc.returncode == 75
-        assert "already running" in assert_one_error_line(proc)
-        lock = store_dir / ".locks" / "sleep.lock"
-        with open(lock) as f, pytest.raises(BlockingIOError):
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    store.close()
