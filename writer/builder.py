@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from .arch import ArchInfo, get_arch
-from .codecs import CompressionType
+from .codecs import DEFAULT_LEVEL, CompressionType
 from .dump import OutputFormat, ProgressCallback, WriteResult, write_dump
-from .errors import UsageError
+from .errors import NoteTypeWarning, UsageError, warn
 from .image import CoreImage, DumpKind
 from .layout import EHDR_SIZE, PHDR_SIZE, PN_XNUM, SHDR_SIZE
 from .notes import (
@@ -28,6 +28,21 @@ from .notes import (
     vmcoreinfo_note,
 )
 from .segments import MemorySegment, SegmentData
+
+# What crash makes of a note of type 1-4 whatever its owner (netdump.c dump_Elf64_Nhdr).
+_CLAIMED_BY_CRASH = {1: "NT_PRSTATUS: one more CPU", 2: "NT_PRFPREG", 3: "NT_PRPSINFO",
+                     4: "NT_TASKSTRUCT"}
+
+
+def _key_value_text(mapping: Mapping[str, str], what: str) -> bytes:
+    """``KEY=VALUE`` lines; a key with ``=`` or a newline, or a value with a newline, would not
+    read back as the same mapping, so they are refused."""
+    for key, value in mapping.items():
+        if "=" in str(key) or "\n" in str(key):
+            raise UsageError(f"{what} key {key!r} must not contain '=' or a newline")
+        if "\n" in str(value):
+            raise UsageError(f"{what} value of {key!r} must not contain a newline")
+    return annotations_text({str(k): str(v) for k, v in mapping.items()})
 
 
 def _format_size(size_bytes: int) -> str:
@@ -144,31 +159,55 @@ class KdumpBuilder:
         return self
 
     def add_custom_note(self, name: bytes | str, note_type: int, data: bytes | str) -> KdumpBuilder:
-        """Add a vendor note. Types 1-4 are refused: crash takes any note of those types for
-        NT_PRSTATUS/FPREGSET/PRPSINFO/TASKSTRUCT whatever its owner name."""
+        """Add an ELF note ``(name, note_type)`` with ``data`` (str is UTF-8 encoded).
+
+        Any 32-bit type under any owner name is written, e.g.::
+
+            builder.add_custom_note(name=b"MYAPP", note_type=1, data=b"version=1.0")
+
+        Types 1-4 (and the owner names CORE and VMCOREINFO) draw a ``NoteTypeWarning``: crash
+        reads every note of type 1-4 as NT_PRSTATUS / NT_PRFPREG / NT_PRPSINFO / NT_TASKSTRUCT
+        whatever its owner, so a type-1 note counts as one more CPU there. ``CustomNoteType``
+        values (0x4B444Cxx) and anything above 0xFFFF stay clear of every reader's types.
+        """
         name_b = name.encode("utf-8") if isinstance(name, str) else bytes(name)
         data_b = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        if isinstance(note_type, bool) or not isinstance(note_type, int) \
+                or not 0 <= note_type <= 0xFFFFFFFF:
+            raise UsageError(f"note type must be an integer 0-0xffffffff, got {note_type!r}")
         if note_type in READER_CLAIMED_TYPES:
-            raise UsageError(
-                f"note type {note_type} is read as a standard core note by crash; use "
-                f"CustomNoteType values or >= {int(CustomNoteType.USER_DEFINED):#x}"
-            )
+            # crash netdump.c dump_Elf64_Nhdr switches on n_type before it looks at the name.
+            warn(f"note type {note_type} ({name_b.decode('utf-8', 'replace')}) is written as "
+                 f"asked, but crash reads every note of type 1-4 as a standard core note "
+                 f"({_CLAIMED_BY_CRASH[note_type]}) whatever its owner; CustomNoteType values "
+                 f"or types above 0xffff avoid that", NoteTypeWarning)
         if name_b in (CORE_NOTE_NAME, VMCOREINFO_NOTE_NAME):
-            raise UsageError(f"note name {name_b!r} is reserved")
-        if not 0 <= note_type <= 0xFFFFFFFF:
-            raise UsageError("note type must fit in 32 bits")
+            warn(f"note owner {name_b.decode()} is the kernel's own: readers will take this "
+                 "note for one of the kernel's", NoteTypeWarning)
         self._custom_notes.append(CustomNote(name=name_b, note_type=note_type, data=data_b))
         return self
 
     def add_annotations(
         self, annotations: Mapping[str, str], vendor: bytes | str = DEFAULT_NOTE_VENDOR
     ) -> KdumpBuilder:
-        """Free-form KEY=VALUE annotations stored as one note."""
-        for key in annotations:
-            if "=" in key or "\n" in key:
-                raise UsageError(f"annotation key {key!r} must not contain '=' or a newline")
+        """Free-form ``KEY=VALUE`` annotations stored as one ANNOTATIONS note, e.g.::
+
+            builder.add_annotations({"hostname": "prod-server-01"})
+
+        Keys must not contain ``=`` or a newline, values no newline (a ValueError otherwise)."""
         return self.add_custom_note(vendor, CustomNoteType.ANNOTATIONS,
-                                    annotations_text(annotations))
+                                    _key_value_text(annotations, "annotation"))
+
+    def add_metadata(
+        self, metadata: Mapping[str, str], vendor: bytes | str = DEFAULT_NOTE_VENDOR
+    ) -> KdumpBuilder:
+        """``KEY=VALUE`` lines (hashes, signatures, timestamps) in one METADATA note, as in
+        kdumpling 0.4.0, validated like ``add_annotations``::
+
+            builder.add_metadata({"sha256": "abc123", "created_at": "2024-01-28T10:30:00Z"})
+        """
+        return self.add_custom_note(vendor, CustomNoteType.METADATA,
+                                    _key_value_text(metadata, "metadata"))
 
     # -- output --------------------------------------------------------------------------------
     def _notes(self) -> list[Note]:
@@ -207,15 +246,24 @@ class KdumpBuilder:
         output_path: str | os.PathLike[str] | BinaryIO,
         format: OutputFormat | str = OutputFormat.ELF,
         compression: CompressionType | str = CompressionType.ZLIB,
-        compression_level: int = 1,
+        compression_level: int = DEFAULT_LEVEL,
         *,
         dump_level: int = 0,
         threads: int | None = None,
         progress: ProgressCallback | None = None,
     ) -> WriteResult:
-        """Write the dump (atomically for paths). ``compression`` applies to the kdump formats.
+        """Write the dump (atomically for paths); returns a ``WriteResult``.
 
-        ``compression_level`` defaults to 1 (makedumpfile's Z_BEST_SPEED; 0.4.0 used 6)."""
+        ``compression`` and ``compression_level`` (1-9, default 6 as in the seed) apply to the
+        kdump formats. zlib level 1 is the fast path and makedumpfile -c's size; 2-9 are zlib's
+        own levels (smaller and slower: README, "The writer library"); zstd maps 1-9 onto its
+        levels 1-19; lzo and snappy have no levels. A builder without memory segments still
+        writes a valid file, with an ``EmptyDumpWarning``. Examples::
+
+            builder.write("output.vmcore")
+            builder.write("output.vmcore", format=OutputFormat.KDUMP_COMPRESSED,
+                          compression=CompressionType.ZLIB)
+        """
         return write_dump(self.to_image(), output_path, format=format, compression=compression,
                           compression_level=compression_level, dump_level=dump_level,
                           threads=threads, progress=progress)

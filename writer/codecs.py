@@ -88,6 +88,22 @@ def isal_zlib_batch(compress: Callable[[bytes, int], bytes], level: int,
     return batch
 
 
+def zlib_batch(level: int) -> BatchCompressor:
+    return lambda pages: list(map(zlib.compress, pages, repeat(level)))
+
+
+def zlib_levels(level: int) -> tuple[int, ...]:
+    """zlib levels tried for a seed level >= 2, besides the fast path. Up to 6 zlib shrinks
+    pages at every step; from 7 on the gains are bytes and not always positive, so 7-9 also try
+    every level from 6 up: the sets nest, and a higher level can only be smaller."""
+    return (level,) if level <= 6 else tuple(range(6, level + 1))
+
+
+def smaller_of(first: list[bytes], second: list[bytes]) -> list[bytes]:
+    """Per page, the shorter of two encodings of the same pages (the first on a tie)."""
+    return [x if len(x) <= len(y) else y for x, y in zip(first, second, strict=True)]
+
+
 def import_codec_module(codec: str, module: str, extra: str) -> ModuleType:
     """The module behind a codec, or the error that names the extra to install."""
     import importlib
@@ -112,13 +128,39 @@ def parse_compression(value: str | int | CompressionType) -> CompressionType:
         raise UsageError(f"unknown compression type {value!r}") from None
 
 
-class PageCodec:
-    """Compresses single pages for one codec; ``compressor()`` is per worker thread."""
+# The seed's compression_level range (zlib's own 1-9) and its default.
+LEVEL_MIN, LEVEL_MAX, DEFAULT_LEVEL = 1, 9, 6
+# zstd's levels (1-22) for the seed's 1-9: 1-5 as they are, then spread to 19. Sizes fall with
+# the level on kernel memory, but not strictly at every step (zstd 9 came out a hair larger than
+# 7 on /usr file pages), hence no 8 or 9 in the table.
+ZSTD_LEVELS = (1, 2, 3, 4, 5, 7, 11, 15, 19)
 
-    def __init__(self, ctype: CompressionType, level: int = 1, page_size: int = 4096) -> None:
+
+def check_level(level: int) -> int:
+    """The level, or a ValueError naming the range (every codec takes 1-9; see PageCodec)."""
+    if isinstance(level, bool) or not isinstance(level, int) \
+            or not LEVEL_MIN <= level <= LEVEL_MAX:
+        raise UsageError(f"compression level must be {LEVEL_MIN}-{LEVEL_MAX}, got {level!r}")
+    return level
+
+
+class PageCodec:
+    """Compresses single pages for one codec; ``compressor()`` is per worker thread.
+
+    ``level`` (1-9, anything else is a ValueError):
+      * zlib: 1 is the fast path, ISA-L level 1 with the pages it does badly redone by zlib
+        level 1 (the size of makedumpfile -c within 1%); 2-9 keep per page the smallest of that
+        and zlib's own level (7-9: zlib levels 6 up to it, see ``zlib_levels``), so a higher
+        level has not given a larger file on any memory tried (tests/test_writer_codecs.py).
+      * zstd: 1-9 map to zstd levels 1, 2, 3, 4, 5, 7, 11, 15, 19 (ZSTD_LEVELS).
+      * lzo, snappy: no levels; always LZO1X-1 (what makedumpfile -l writes) and snappy.
+    """
+
+    def __init__(self, ctype: CompressionType, level: int = DEFAULT_LEVEL,
+                 page_size: int = 4096) -> None:
         self.type = ctype
         self.flag = CODEC_FLAG[ctype]
-        self.level = level
+        self.level = check_level(level)
         self.page_size = page_size
         self._local = threading.local()
         self._factory = self._make_factory()
@@ -128,25 +170,32 @@ class PageCodec:
         if self.type == CompressionType.NONE:
             return lambda: None
         if self.type == CompressionType.ZLIB:
-            if not 0 <= level <= 9:
-                raise UsageError(f"zlib level must be 0..9, got {level}")
             try:
-                from isal import isal_zlib  # type: ignore[import-untyped]
+                from isal import isal_zlib  # type: ignore[import-untyped,unused-ignore]
+                fast = isal_zlib_batch(isal_zlib.compress, 1, self.page_size)
             except ImportError:
-                return lambda: (lambda pages: list(map(zlib.compress, pages, repeat(level))))
-            # ISA-L knows levels 0..3: 0 is its fastest (~25% larger), 1 the default (zlib
-            # level 1's size once short-match pages are redone, see isal_zlib_batch), 2..9 its
-            # level 3.
-            ilevel = 0 if level == 0 else 1 if level == 1 else 3
-            batch = isal_zlib_batch(isal_zlib.compress, ilevel, self.page_size)
-            return lambda: batch
+                fast = zlib_batch(1)
+            if level == 1:
+                return lambda: fast
+            # Each page keeps its smallest encoding among the fast path and zlib_levels(level):
+            # on text ISA-L level 1 beat zlib levels 2 and 3, and zlib 8 came out a few bytes
+            # larger than 7 (tests/test_writer_codecs.py), so neither alone grows monotonically.
+            # zlib.compress releases the GIL, so threads still overlap.
+            batches = [fast] + [zlib_batch(z) for z in zlib_levels(level)]
+
+            def smallest(pages: list[bytes]) -> list[bytes]:
+                best = batches[0](pages)
+                for batch in batches[1:]:
+                    best = smaller_of(best, batch(pages))
+                return best
+
+            return lambda: smallest
         if self.type == CompressionType.LZO:
             lzo = import_codec_module("lzo", "lzo", "lzo")
-            # header=False: readers call lzo1x_decompress_safe on the bare stream. Level 1 is
-            # LZO1X-1 (what makedumpfile writes), higher levels LZO1X-999.
-            lzo_level = 1 if level <= 1 else 9
+            # header=False: readers call lzo1x_decompress_safe on the bare stream. Always
+            # LZO1X-1, what makedumpfile writes: the seed's levels do not apply to LZO.
             return lambda: (lambda pages: list(
-                map(lzo.compress, pages, repeat(lzo_level), repeat(False))))
+                map(lzo.compress, pages, repeat(1), repeat(False))))
         if self.type == CompressionType.SNAPPY:
             cramjam = import_codec_module("snappy", "cramjam", "snappy")
             raw = cramjam.snappy.compress_raw  # raw block, not the framed format
@@ -156,7 +205,7 @@ class PageCodec:
 
             def make() -> BatchCompressor:
                 # One compressor per thread: sharing one crashed the process (codec-speed.md).
-                compress = zstandard.ZstdCompressor(level=level).compress
+                compress = zstandard.ZstdCompressor(level=ZSTD_LEVELS[level - 1]).compress
                 return lambda pages: list(map(compress, pages))
 
             return make

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 
-from .codecs import CompressionType, PageCodec
+from .codecs import DEFAULT_LEVEL, CompressionType, PageCodec
 from .errors import LayoutError
 from .image import CoreImage, DumpKind
 from .layout import (
@@ -126,7 +126,7 @@ def write_kdump(
     sink: object,
     *,
     compression: CompressionType = CompressionType.ZLIB,
-    level: int = 1,
+    level: int = DEFAULT_LEVEL,
     dump_level: int = 0,
     threads: int | None = None,
     progress: ProgressFn | None = None,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import BinaryIO
 
-from .codecs import CompressionType, parse_compression
+from .codecs import DEFAULT_LEVEL, CompressionType, check_level, parse_compression
 from .diskdump import write_kdump
 from .elf import write_elf
 from .errors import DumpWriteError, EmptyDumpWarning, UsageError, warn
@@ -69,7 +69,7 @@ def write_dump(
     *,
     format: OutputFormat | str = OutputFormat.ELF,
     compression: CompressionType | str | int = CompressionType.ZLIB,
-    compression_level: int = 1,
+    compression_level: int = DEFAULT_LEVEL,
     dump_level: int = 0,
     threads: int | None = None,
     progress: ProgressCallback | None = None,
@@ -82,11 +82,15 @@ def write_dump(
     and renamed into place; on any failure, interruption included, the partial file is removed,
     so a path either holds a whole dump or nothing. A binary stream receives ELF or flattened
     kdump sequentially (stdout, a pipe, a socket); KDUMP_COMPRESSED needs a seekable file.
-    ``compression`` applies to the kdump formats only. ``dump_level`` bit 1 (makedumpfile -d 1)
+    ``compression`` and ``compression_level`` apply to the kdump formats only; the level is
+    1-9 whatever the format (a ValueError otherwise), default 6 as in the seed. zlib level 1 is
+    the fast path (makedumpfile -c's size); 2-9 are zlib's own levels; zstd maps 1-9 onto its
+    levels; lzo and snappy have none (see ``PageCodec``). ``dump_level`` bit 1 (makedumpfile -d 1)
     stores every zero page as one shared page (kdump) or as holes (ELF).
     """
     fmt = OutputFormat.parse(format)
     ctype = parse_compression(compression)
+    check_level(compression_level)
     if fmt is OutputFormat.ELF:
         ctype = CompressionType.NONE
     if dump_level not in (0, 1):
