@@ -36,6 +36,7 @@ from kdumpling.errors import ConfigError
 
 from .calendar import CalendarSpec, parse_calendar
 from .checker import Checker
+from .metrics import MetricsConfig, parse_metrics_table
 from .options import (
     COMPRESSION_CHOICES,
     FORMAT_CHOICES,
@@ -115,6 +116,7 @@ class AgentConfig:
     retention: RetentionConfig = RetentionConfig()
     targets: tuple[TargetConfig, ...] = ()
     files: tuple[str, ...] = ()  # what was read, in order
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: agent/metrics.py
 
     def keep_for(self, target_key: str) -> int:
         """How many snapshots of a target retention keeps (its own ``keep``, else the default)."""
@@ -217,7 +219,7 @@ def _target(name: str, table: Any, where: str) -> TargetConfig:
 def parse_config(data: Mapping[str, Any], where: str = "config",
                  files: tuple[str, ...] = ()) -> AgentConfig:
     """Validate merged TOML data into an AgentConfig (ConfigError naming the key on failure)."""
-    known = {"output", "retention", "targets"}
+    known = {"output", "retention", "targets", "metrics"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{where}: {key}: unknown key")
@@ -234,6 +236,7 @@ def parse_config(data: Mapping[str, Any], where: str = "config",
     return AgentConfig(
         output=_output(data.get("output", {}), where),
         retention=_retention(data.get("retention", {}), where),
+        metrics=parse_metrics_table(data.get("metrics", {}), where),
         targets=tuple(targets),
         files=files,
     )

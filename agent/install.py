@@ -133,8 +133,8 @@ def extra_read_write_paths(config_path: str) -> tuple[list[str], list[str]]:
     wanted: list[str] = []
     if config.output.directory and not _within(config.output.directory, STATE_DIR):
         wanted.append(config.output.directory)
-    textfile = getattr(getattr(config, "metrics", None), "textfile", None)
-    if isinstance(textfile, str):
+    textfile = config.metrics.textfile
+    if textfile is not None:
         directory = os.path.dirname(textfile)
         if not _within(directory, NODE_EXPORTER_DIR) and not _within(directory, STATE_DIR):
             wanted.append(directory)
