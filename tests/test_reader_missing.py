@@ -1,0 +1,351 @@
+"""A dump that lacks data says so: ``Dump.incomplete`` and ``Dump.missing``, on cut and lying
+inputs of every format (ELF, kdump-compressed, flattened), and ``to_image()`` carries the
+readable pages and names the rest in ``CoreImage.missing`` (issue 10 item 6, issue 11 item 1).
+Empty dumps open with 0 pages (issue 10 item 1), and kdumpling notes of both numberings are
+shown by name (issue 10 item 2).
+
+Oracles: makedumpfile makes the kdump and flattened inputs, libkdumpfile and drgn read the
+same pages back (and fail on the ones we call missing), pyelftools reads the ELF headers.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+from kdumpling import write_dump
+from kdumpling.layout import DUMP_DH_COMPRESSED_INCOMPLETE, DUMP_ELF_INCOMPLETE, PAGE_DESC
+from kdumpling.notes import CustomNoteType, Note, annotations_text
+from kdumpling.reader import Dump, PageNotDumpedError, open_dump
+
+from tests import testdumps as td
+from tests.readers import drgn_program, kdumpfile_module, lkf_open
+
+PAGE = td.PAGE
+pytestmark = pytest.mark.readers
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("missing")
+    m = td.x86_64_machine(small=True)
+    files = {"elf": d / "small.elf", "kdump": d / "small.kdump", "flat": d / "small.flat"}
+    td.pack_elf_vmcore(files["elf"], m)
+    td.makedumpfile(["-c", "-d", "1", str(files["elf"]), str(files["kdump"])])
+    td.makedumpfile(["-F", "-c", "-d", "1", str(files["elf"])], stdout=files["flat"])
+    return files
+
+
+def _pages(path: Path) -> dict[int, bytes]:
+    with open_dump(path) as dump:
+        return dict(dump.iter_pages())
+
+
+def _pfns(ranges: list[tuple[int, int]]) -> set[int]:
+    return {pfn for a, b in ranges for pfn in range(a // PAGE, -(-b // PAGE))}
+
+
+def _desc_off(path: Path) -> int:
+    with open_dump(path) as dump:
+        return int(dump._desc_off)  # type: ignore[attr-defined]
+
+
+def _accounted(dump: Dump, ref: dict[int, bytes]) -> set[int]:
+    """Every page of the intact file is either read back unchanged or inside ``missing``;
+    no page in ``missing`` reads. Returns the missing PFNs."""
+    missing = _pfns(dump.missing)
+    got = dict(dump.iter_pages())
+    for pfn, page in ref.items():
+        if pfn in missing:
+            assert pfn not in got
+            with pytest.raises(PageNotDumpedError):
+                dump.read_phys(pfn * PAGE, PAGE)
+        else:
+            assert got.get(pfn) == page, f"pfn {pfn:#x} lost in silence"
+    assert missing <= ref.keys()
+    return missing
+
+
+def _converted(dump: Dump, ref: dict[int, bytes], missing: set[int], out: Path, fmt: str
+               ) -> None:
+    """to_image keeps every readable page, names the missing ranges, and the output is marked
+    incomplete; libkdumpfile reads the kdump output's pages as ours."""
+    image = dump.to_image()
+    assert image.missing == dump.missing
+    covered = _pfns([(s.phys_addr, s.phys_addr + s.size) for s in image.segments])
+    assert not covered & missing
+    write_dump(image, out, format=fmt, compression="zlib", dump_level=1)
+    kept = {p: page for p, page in ref.items() if p not in missing}
+    with open_dump(out) as back:
+        assert back.incomplete
+        got = dict(back.iter_pages())
+        assert {p: got[p] for p in kept} == kept
+        assert not missing & got.keys()
+    if fmt == "kdump":
+        status = struct.unpack_from("<I", out.read_bytes(), 424)[0]
+        assert status & DUMP_DH_COMPRESSED_INCOMPLETE
+        kd = kdumpfile_module()
+        ctx = lkf_open(str(out))
+        for pfn, page in kept.items():
+            assert bytes(ctx.read(kd.KDUMP_MACHPHYSADDR, pfn * PAGE, PAGE)) == page
+    else:
+        from elftools.elf.elffile import ELFFile
+
+        with out.open("rb") as f:
+            assert ELFFile(f).header["e_flags"] & DUMP_ELF_INCOMPLETE
+
+
+# --- kdump-compressed --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["kdump", "elf"])
+def test_kdump_descriptors_past_eof(src: dict[str, Path], tmp_path: Path, fmt: str) -> None:
+    """Descriptors in the middle of the table that point past the end of the file (no header
+    flag): those pages are missing, libkdumpfile cannot read them either, the rest converts."""
+    ref = _pages(src["kdump"])
+    data = bytearray(src["kdump"].read_bytes())
+    desc_off = _desc_off(src["kdump"])
+    size = PAGE_DESC["<"].size
+    lied = sorted(ref)[10:13]
+    for i in range(10, 13):
+        _, length, flags, pflags = PAGE_DESC["<"].unpack_from(data, desc_off + size * i)
+        PAGE_DESC["<"].pack_into(data, desc_off + size * i, len(data) + 4 * PAGE, length,
+                                 flags, pflags)
+    path = tmp_path / "lying.kdump"
+    path.write_bytes(bytes(data))
+    kd = kdumpfile_module()
+    ctx = lkf_open(str(path))
+    for pfn in lied:
+        with pytest.raises(kd.exceptions.KDumpBaseException):
+            ctx.read(kd.KDUMP_MACHPHYSADDR, pfn * PAGE, PAGE)
+    with open_dump(path) as dump:
+        assert not dump.header["status"] & DUMP_DH_COMPRESSED_INCOMPLETE
+        assert dump.missing == [(lied[0] * PAGE, (lied[-1] + 1) * PAGE)]
+        assert dump.incomplete
+        missing = _accounted(dump, ref)
+        _converted(dump, ref, missing, tmp_path / f"out.{fmt}", fmt)
+
+
+def test_kdump_incomplete_flag_and_unwritten_descriptors(src: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """makedumpfile's own mark of a dump it cut short: status DUMP_DH_COMPRESSED_INCOMPLETE
+    and the descriptors it never wrote left at offset 0."""
+    ref = _pages(src["kdump"])
+    data = bytearray(src["kdump"].read_bytes())
+    status = struct.unpack_from("<I", data, 424)[0]
+    struct.pack_into("<I", data, 424, status | DUMP_DH_COMPRESSED_INCOMPLETE)
+    desc_off = _desc_off(src["kdump"])
+    for i in range(len(ref) - 4, len(ref)):
+        PAGE_DESC["<"].pack_into(data, desc_off + PAGE_DESC["<"].size * i, 0, 0, 0, 0)
+    path = tmp_path / "flagged.kdump"
+    path.write_bytes(bytes(data))
+    with open_dump(path) as dump:
+        assert dump.incomplete
+        assert _pfns(dump.missing) == set(sorted(ref)[-4:])
+        missing = _accounted(dump, ref)
+        _converted(dump, ref, missing, tmp_path / "out.kdump", "kdump")
+
+
+@pytest.mark.parametrize("cut", ["page data", "descriptors"])
+def test_kdump_cut_short(src: dict[str, Path], tmp_path: Path, cut: str) -> None:
+    full = src["kdump"].read_bytes()
+    ref = _pages(src["kdump"])
+    desc_off = _desc_off(src["kdump"])
+    size = len(full) - 3 * PAGE if cut == "page data" else \
+        desc_off + PAGE_DESC["<"].size * (len(ref) // 2) + 5
+    path = tmp_path / "cut.kdump"
+    path.write_bytes(full[:size])
+    with open_dump(path) as dump:
+        assert dump.incomplete
+        missing = _accounted(dump, ref)
+        assert missing
+        if cut == "descriptors":  # and all page data, which follows the table
+            assert missing == set(ref)
+        _converted(dump, ref, missing, tmp_path / "out.kdump", "kdump")
+
+
+def test_intact_files_are_complete(src: dict[str, Path]) -> None:
+    for path in src.values():
+        with open_dump(path) as dump:
+            assert (dump.incomplete, dump.missing) == (False, [])
+            assert dump.to_image().missing == []
+
+
+# --- flattened ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.97])
+def test_flattened_cut_short(src: dict[str, Path], tmp_path: Path, fraction: float) -> None:
+    """A flattened stream cut anywhere: no end marker, so incomplete; every page that did
+    arrive reads as in the whole stream, the rest is named missing."""
+    full = src["flat"].read_bytes()
+    ref = _pages(src["flat"])
+    path = tmp_path / "cut.flat"
+    path.write_bytes(full[: int(len(full) * fraction)])
+    with open_dump(path) as dump:
+        assert dump.incomplete
+        missing = _accounted(dump, ref)
+        _converted(dump, ref, missing, tmp_path / "out.kdump", "kdump")
+
+
+def test_flattened_without_end_marker_only(src: dict[str, Path], tmp_path: Path) -> None:
+    full = src["flat"].read_bytes()
+    path = tmp_path / "noend.flat"
+    path.write_bytes(full[:-16])  # the {-1, -1} end record
+    with open_dump(path) as dump:
+        assert dump.incomplete and dump.missing == []
+
+
+# --- ELF ---------------------------------------------------------------------------------------
+
+
+def test_elf_cut_short(src: dict[str, Path], tmp_path: Path) -> None:
+    """PT_LOAD data past the end of the file is missing, from the byte where the file ends;
+    drgn reads the same bytes before it."""
+    full = src["elf"].read_bytes()
+    path = tmp_path / "cut.elf"
+    path.write_bytes(full[: len(full) - 3 * PAGE - 100])
+    with open_dump(src["elf"]) as whole:
+        last = whole.segments[-1]
+        end = last.phys_addr + last.file_size
+        ref = dict(whole.iter_pages())
+    with open_dump(path) as dump:
+        assert dump.incomplete
+        assert dump.missing == [(end - 3 * PAGE - 100, end)]
+        prog = drgn_program(str(path))
+        before = end - 5 * PAGE
+        assert dump.read_phys(before, PAGE) == bytes(prog.read(before, PAGE, True))
+        with pytest.raises(PageNotDumpedError):
+            dump.read_phys(end - PAGE, 1)
+        image = dump.to_image()
+        assert image.missing == dump.missing
+        out = tmp_path / "out.kdump"
+        write_dump(image, out, format="kdump", compression="zlib", dump_level=0)
+    with open_dump(out) as back:
+        assert back.incomplete
+        got = dict(back.iter_pages())
+    cut_pfn = (end - 3 * PAGE - 100) // PAGE
+    assert all(got[p] == ref[p] for p in ref if p < cut_pfn)
+    # The page the cut runs through keeps its readable bytes.
+    assert got[cut_pfn][: PAGE - 100] == ref[cut_pfn][: PAGE - 100]
+
+
+def test_elf_load_pointing_past_eof(src: dict[str, Path], tmp_path: Path) -> None:
+    """A PT_LOAD in the middle whose p_offset lies past the end of the file."""
+    data = bytearray(src["elf"].read_bytes())
+    with open_dump(src["elf"]) as whole:
+        seg = whole.segments[1]
+        ref = dict(whole.iter_pages())
+    phoff = struct.unpack_from("<Q", data, 32)[0]
+    struct.pack_into("<Q", data, phoff + 2 * 56 + 8, len(data) + PAGE)  # phdr 2 = PT_LOAD 1
+    path = tmp_path / "lying.elf"
+    path.write_bytes(bytes(data))
+    with open_dump(path) as dump:
+        assert dump.missing == [(seg.phys_addr, seg.phys_addr + seg.file_size)]
+        missing = _accounted(dump, ref)
+        assert missing == _pfns(dump.missing)
+        _converted(dump, ref, missing, tmp_path / "out.kdump", "kdump")
+
+
+def test_elf_incomplete_marker_without_cut(src: dict[str, Path], tmp_path: Path) -> None:
+    data = bytearray(src["elf"].read_bytes())
+    struct.pack_into("<I", data, 48, DUMP_ELF_INCOMPLETE)
+    path = tmp_path / "marked.elf"
+    path.write_bytes(bytes(data))
+    with open_dump(path) as dump:
+        assert dump.incomplete and dump.missing == []
+
+
+# --- empty dumps (issue 10 item 1) -------------------------------------------------------------
+
+
+def _bare_elf(path: Path, phdrs: list[bytes], notes: bytes = b"") -> None:
+    """An ELF64 core packed by hand (gABI): e_phoff 0 when there are no program headers."""
+    phnum = len(phdrs)
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", ident, 4, 62, 1, 0, 64 if phnum else 0, 0, 0, 64,
+                       56 if phnum else 0, phnum, 0, 0, 0)
+    path.write_bytes(ehdr + b"".join(phdrs) + notes)
+
+
+def test_elf_without_program_headers(tmp_path: Path) -> None:
+    from elftools.elf.elffile import ELFFile
+
+    path = tmp_path / "empty.elf"
+    _bare_elf(path, [])
+    with path.open("rb") as f:
+        elf = ELFFile(f)
+        assert elf.num_segments() == 0 and elf.header["e_type"] == "ET_CORE"
+    with open_dump(path) as dump:
+        assert (dump.segments, dump.notes, list(dump.iter_pages())) == ([], [], [])
+        assert (dump.incomplete, dump.missing) == (False, [])
+        assert dump.to_image().segments == []
+
+
+def test_elf_notes_only(tmp_path: Path) -> None:
+    from kdumpling.notes import pack_note, vmcoreinfo_note
+
+    notes = pack_note("<", vmcoreinfo_note(b"OSRELEASE=6.1.0\nPAGESIZE=4096\n"))
+    path = tmp_path / "notes.elf"
+    _bare_elf(path, [struct.pack("<IIQQQQQQ", 4, 0, 64 + 56, 0, 0, len(notes), len(notes), 0)],
+              notes)
+    with open_dump(path) as dump:
+        assert dump.vmcoreinfo_fields["OSRELEASE"] == "6.1.0"
+        assert list(dump.iter_pages()) == [] and dump.segments == []
+        assert dump.kind.value == "kernel"
+
+
+@pytest.mark.parametrize("fmt", ["elf", "kdump", "kdump-flat"])
+@pytest.mark.parametrize("content", ["nothing", "vmcoreinfo", "cpu", "custom note"])
+def test_empty_builder_dumps_open(tmp_path: Path, fmt: str, content: str) -> None:
+    from kdumpling import KdumpBuilder
+
+    builder = KdumpBuilder(arch="x86_64")
+    if content == "vmcoreinfo":
+        builder.set_vmcoreinfo("OSRELEASE=6.1.0\nPAGESIZE=4096\n")
+    elif content == "cpu":
+        builder.add_cpu_context(cpu_id=0, registers={"RIP": 0xFFFFFFFF81000000}, pid=1)
+    elif content == "custom note":
+        builder.add_custom_note(name=b"MYAPP", note_type=0x1234, data=b"version=1.0")
+    path = tmp_path / f"empty.{fmt}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        builder.write(str(path), format=fmt)
+    with open_dump(path) as dump:
+        assert list(dump.iter_pages()) == []
+        assert dump.memory_size == 0
+        assert (dump.incomplete, dump.missing) == (False, [])
+        if content == "vmcoreinfo":
+            assert dump.vmcoreinfo_fields["OSRELEASE"] == "6.1.0"
+        if content == "cpu":
+            assert [pid for pid, _ in dump.cpus] == [1]
+        if content == "custom note":
+            assert any(n.name == b"MYAPP" and n.desc == b"version=1.0" for n in dump.notes)
+        assert dump.to_image().memory_size == 0
+
+
+# --- kdumpling notes of both numberings (issue 10 item 2) --------------------------------------
+
+
+def test_kdumpling_notes_of_both_numberings(tmp_path: Path) -> None:
+    """The seed (kdumpling 0.4.0) wrote METADATA=1, ANNOTATIONS=2, FILE_INFO=3 under owner
+    KDUMPLING; we write 0x4B444Cxx. Both are shown by name; type 2 under another owner is not
+    an annotation."""
+    m = td.x86_64_machine(small=True)
+    notes = [*m.notes,
+             Note(b"KDUMPLING", 1, b"sha256=abc\n"),
+             Note(b"KDUMPLING", 2, annotations_text({"old": "seed"})),
+             Note(b"KDUMPLING", 3, b"file info"),
+             Note(b"KDUMPLING", CustomNoteType.ANNOTATIONS, annotations_text({"new": "ours"})),
+             Note(b"KDUMPLING", CustomNoteType.METADATA, b"tool=kdumpling\n"),
+             Note(b"OTHER", 2, b"not=ours\n")]
+    path = tmp_path / "notes.elf"
+    td.pack_elf_vmcore(path, m, notes=notes)
+    with open_dump(path) as dump:
+        assert dump.annotations == {"old": "seed", "new": "ours"}
+        assert dump.metadata == {"sha256": "abc", "tool": "kdumpling"}
+        assert [kind for kind, _ in dump.kdumpling_notes] == [
+            "METADATA", "ANNOTATIONS", "FILE_INFO", "ANNOTATIONS", "METADATA"]
+        assert len(dump.cpus) == len(m.cpus)  # type 1 under KDUMPLING is no CPU
