@@ -10,6 +10,7 @@ writer into every format and codec, and back through our reader and libkdumpfile
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import subprocess
 import threading
@@ -441,6 +442,28 @@ def test_reassemble_matches_makedumpfile_r(mdf: Built, name: str) -> None:
     t.join()
     os.close(r)
     assert not cut.exists() and not Path(str(cut) + ".incomplete").exists()
+
+
+@pytest.mark.readers
+def test_reassemble_goes_through_the_writers_atomic_path(mdf: Built, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like every writer (dump.atomic_output): the file is fsynced under PATH.incomplete,
+    renamed, and then its directory is fsynced, so the rename survives a crash."""
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        name = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        synced.append((name, (tmp_path / "out.kdump").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with open(mdf.files["zlib.flat"], "rb") as src:
+        reassemble_flattened(src, tmp_path / "out.kdump")
+    # The file before the rename (the name does not exist yet), the directory after it.
+    assert synced == [("file", False), ("dir", True)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.kdump"]
 
 
 # --- split, incomplete and filtered dumps ------------------------------------------------------

@@ -12,6 +12,7 @@ import random
 import resource
 import struct
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -62,10 +63,16 @@ def exercise(path: Path) -> None:
             with contextlib.suppress(PageNotDumpedError):
                 dump.read_phys(seg.phys_addr, min(seg.mem_size, 3 * dump.page_size) or 1)
             dump.read_phys(seg.phys_addr, 64, zero_fill=True)
+        missing = dump.missing
+        assert all(a < b < c for (a, b), (c, _) in pairwise(missing))
+        assert dump.incomplete or not missing
         image = dump.to_image()
+        assert image.missing == missing
         for seg in image.segments:
-            for chunk in seg.iter_chunks(1 << 16):
-                assert chunk is not None
+            # The image carries no missing address, and every segment reads to its full size.
+            assert not any(a < seg.phys_addr + seg.size and seg.phys_addr < b
+                           for a, b in missing) or dump.kind.value == "process"
+            assert sum(len(chunk) for chunk in seg.iter_chunks(1 << 16)) == seg.size
 
 
 def _run(tmp_path: Path, data: bytes) -> None:
