@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from typing import Any
 
@@ -19,10 +18,6 @@ from kdumpling.reader import open_dump
 from .capture import sha256_file
 from .common import Context, add_common, add_directory, locate
 from .units import format_size
-
-# Reader warnings that mean data is missing (the rest, e.g. a guessed arch, are informational).
-_INCOMPLETE = re.compile(r"truncated|incomplete|cut short|past (?:the|its) end|no end marker",
-                         re.IGNORECASE)
 
 
 class VerifyFailed(FormatError):
@@ -53,7 +48,19 @@ def read_all_pages(path: str) -> dict[str, Any]:
                 raise FormatError(f"page {_pfn:#x} decodes to {len(data)} bytes, not {expect}",
                                   None, path)
         return {"format": d.format, "kind": d.kind.value, "pages": pages, "bytes": nbytes,
-                "reader_warnings": list(d.warnings)}
+                "reader_warnings": list(d.warnings), "incomplete": d.incomplete,
+                "missing": [{"start": a, "end": b} for a, b in d.missing]}
+
+
+def _incomplete_problem(missing: list[dict[str, int]]) -> str:
+    """One line for the reader's incomplete flag, naming what is missing."""
+    if not missing:
+        return "incomplete dump: its writer marked it cut short"
+    size = sum(m["end"] - m["start"] for m in missing)
+    first = ", ".join(f"{m['start']:#x}-{m['end']:#x}" for m in missing[:3])
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return (f"incomplete dump: {format_size(size)} in {len(missing)} range(s) have no data "
+            f"({first}{more})")
 
 
 def run(ctx: Context) -> int:
@@ -70,10 +77,9 @@ def run(ctx: Context) -> int:
             problems.append(str(err))
         rec = loc.record
         capped = bool(rec is not None and rec.snapshot.truncated)
-        missing = [w for w in out.get("reader_warnings", []) if _INCOMPLETE.search(w)]
-        if missing and not capped:  # a size-capped snapshot is incomplete by design
+        if out.get("incomplete") and not capped:  # a size-capped snapshot is cut by design
             out["checks"]["pages"] = "failed"
-            problems.extend(missing)
+            problems.append(_incomplete_problem(out.get("missing", [])))
         if rec is not None and loc.store is not None:
             out["id"] = rec.id
             want = rec.snapshot.sha256

@@ -51,9 +51,11 @@ def argparse_codec(text: str) -> CompressionType:
 
 def argparse_level(text: str) -> int:
     try:
-        return check_level(int(text))
+        level = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_level(level)
     except UsageError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
