@@ -10,6 +10,7 @@ from typing import BinaryIO
 from .arch import ArchInfo, get_arch
 from .codecs import DEFAULT_LEVEL, CompressionType
 from .dump import OutputFormat, ProgressCallback, WriteResult, write_dump
+from .elf import phdr_count
 from .errors import NoteTypeWarning, UsageError, warn
 from .image import CoreImage, DumpKind
 from .layout import EHDR_SIZE, PHDR_SIZE, PN_XNUM, SHDR_SIZE
@@ -226,7 +227,7 @@ class KdumpBuilder:
     def stats(self) -> DumpStats:
         total = sum(seg.size for seg in self._segments)
         notes_size = sum(note_size(n.name, len(n.desc)) for n in self._notes())
-        phnum = 1 + len(self._segments)
+        phnum = phdr_count(len(self._segments), notes_size > 0, process=False)
         estimated = EHDR_SIZE + phnum * PHDR_SIZE + notes_size + total
         if phnum >= PN_XNUM:
             estimated += SHDR_SIZE

@@ -72,6 +72,15 @@ def pack_ehdr(endian: str, machine: int, phnum: int, phoff: int, shoff: int,
     )
 
 
+def phdr_count(segments: int, has_notes: bool, process: bool) -> int:
+    """Program headers ``write_elf`` emits: none for an image with neither memory nor notes,
+    else PT_NOTE + one PT_LOAD per segment, or + one empty PT_LOAD for a kernel dump without
+    memory (see ``write_elf``)."""
+    if not segments and not has_notes:
+        return 0
+    return 1 + (segments or (0 if process else 1))
+
+
 @dataclass
 class _Load:
     seg: MemorySegment
@@ -106,8 +115,8 @@ def write_elf(
         zero_holes = process and sink.supports_holes
     notes = pack_notes(endian, image.notes).data
 
-    empty_load = not segments and bool(notes) and not process
-    phnum = 1 + len(segments) + empty_load if segments or notes else 0
+    phnum = phdr_count(len(segments), bool(notes), process)
+    empty_load = phnum == 2 and not segments
     xnum = phnum >= PN_XNUM
     phoff = EHDR_SIZE if phnum else 0  # gABI: e_phoff 0 without a program header table
     shoff = EHDR_SIZE + phnum * PHDR_SIZE
