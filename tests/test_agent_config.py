@@ -156,3 +156,49 @@ def test_example_config_loads() -> None:
     example = Path(__file__).resolve().parent.parent / "systemd" / "agent.toml.example"
     cfg = load_config(str(example))
     assert {t.type for t in cfg.targets} >= {"process", "libvirt"}
+
+
+def test_one_registry_for_config_cli_and_service(tmp_path: Path) -> None:
+    """Every target type of the config is a ``capture`` subcommand too, from the same class."""
+    import argparse
+
+    from kdumpling.agent.cli import build_parser
+    from kdumpling.agent.targets import CAPTURE_TYPES, CONFIG_TYPES, TARGET_TYPES
+
+    assert set(CONFIG_TYPES) == {"process", "libvirt", "qmp"}
+    assert set(CONFIG_TYPES) <= set(CAPTURE_TYPES) and "convert" in TARGET_TYPES
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    capture = sub.choices["capture"]
+    kinds = next(a for a in capture._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(kinds.choices) == set(CAPTURE_TYPES)
+    for name in CAPTURE_TYPES:
+        assert kinds.choices[name].description == TARGET_TYPES[name].description
+    path = _write(tmp_path / "agent.toml",
+                  '[targets.p]\ntype = "process"\npid_file = "/run/x.pid"\ninterval = "1h"\n'
+                  '[targets.q]\ntype = "qmp"\nsocket = "/s"\ninterval = "1h"\n')
+    for t in load_config(str(path)).targets:
+        assert isinstance(t.target, TARGET_TYPES[t.type]) and t.target.key == t.name
+    # raw images and dump files are command-line targets only
+    bad = _write(tmp_path / "raw.toml", '[targets.r]\ntype = "raw"\ninterval = "1h"\n')
+    with pytest.raises(ConfigError, match=r"targets\.r\.type: must be one of"):
+        load_config(str(bad))
+
+
+def test_opening_a_process_target_leaves_it_unchanged() -> None:
+    """What opening found (the PID a name meant, the executable) comes back beside the target."""
+    import dataclasses
+
+    from kdumpling.agent.targets import ProcessTarget
+
+    with subprocess.Popen(["sleep", "60"]) as sleeper:
+        try:
+            target = ProcessTarget(key="s", label="s", pid_file=None, pid=sleeper.pid)
+            before = dataclasses.asdict(target)
+            opened = target.open(OpenContext(spool_dir="/nowhere"))  # not entered: no ptrace
+            assert opened.pid == sleeper.pid
+            assert opened.exe == os.readlink(f"/proc/{sleeper.pid}/exe")
+            assert dataclasses.asdict(target) == before
+        finally:
+            sleeper.kill()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.pid = 1  # type: ignore[misc]
