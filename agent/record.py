@@ -98,6 +98,7 @@ class SnapshotRecord:
     truncated: bool | None = None
     annotations: dict[str, str] | None = None
     meta: dict[str, Any] | None = None
+    trigger: dict[str, Any] | None = None  # what made a conditional snapshot (issue 13)
     # the dump's identity when written: what makes it ours to delete
     dev: int | None = None
     inode: int | None = None
