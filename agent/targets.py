@@ -317,7 +317,7 @@ class RawTarget(Target):
     in_config = False
 
     images: tuple[str, ...]
-    phys_map: str | None = None  # PHYS:SIZE[@IMAGE[+OFFSET]],... parsed by the raw collector
+    phys_map: tuple[Any, ...] | None = None  # the raw collector's PhysRange entries
     vmcoreinfo: str | None = None
     vmcoreinfo_at: tuple[int, int] | None = None
     arch: str = "x86_64"
@@ -346,14 +346,18 @@ class RawTarget(Target):
             except ValueError:
                 raise UsageError(
                     f"--vmcoreinfo-at wants ADDR,SIZE, got {args.vmcoreinfo_at!r}") from None
+        phys_map = None
+        if args.phys_map:  # a bad map is a usage error before anything is created
+            mod = import_collector("raw", "kdumpling.collectors.raw")
+            phys_map = tuple(mod.parse_phys_map(args.phys_map))
         base = os.path.basename(images[0]) or "raw"
         return cls(key="raw-" + base, label=f"raw {', '.join(images)}", images=images,
-                   phys_map=args.phys_map, vmcoreinfo=args.vmcoreinfo, vmcoreinfo_at=at,
+                   phys_map=phys_map, vmcoreinfo=args.vmcoreinfo, vmcoreinfo_at=at,
                    arch=args.arch)
 
     def open(self, ctx: OpenContext) -> Opened:
         mod = import_collector("raw", "kdumpling.collectors.raw")
-        phys_map = mod.parse_phys_map(self.phys_map) if self.phys_map else None
+        phys_map = list(self.phys_map) if self.phys_map is not None else None
         return Opened(mod.RawMemoryCollector(list(self.images), phys_map=phys_map,
                                              vmcoreinfo=self.vmcoreinfo,
                                              vmcoreinfo_at=self.vmcoreinfo_at, arch=self.arch))
