@@ -12,6 +12,7 @@ import errno
 import signal
 import sys
 import traceback
+import warnings
 from types import FrameType
 
 from kdumpling import __version__
@@ -34,7 +35,7 @@ from . import (
 )
 from .cancel import interrupted
 from .common import PROG, ArgumentParser, Context
-from .log import setup_logging
+from .log import get_logger, setup_logging
 
 EX_SOFTWARE = 70
 
@@ -66,11 +67,18 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "unknown error"
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """The library's warnings (e.g. a dump without memory) as one log line, not Python's two."""
+    get_logger().warning("%s", _one_line(str(message)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = int(getattr(args, "verbose", 0) or 0)
     setup_logging(-1 if getattr(args, "quiet", False) else verbose)
+    warnings.showwarning = _show_warning
     ctx = Context(args)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

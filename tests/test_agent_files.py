@@ -121,3 +121,16 @@ def test_verify_names_the_missing_ranges_of_a_cut_dump(tmp_path: Path, fmt: str)
     assert "incomplete dump" in line
     if want:
         assert f"{want[0]['start']:#x}-{want[0]['end']:#x}" in line
+
+
+def test_a_library_warning_is_one_line(tmp_path: Path) -> None:
+    """The writer's warning about a dump without memory: one agent line, not Python's two."""
+    empty = tmp_path / "empty.kdump"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        KdumpBuilder().set_vmcoreinfo(VMCI).write(str(empty), format="kdump")
+    proc = run_agent(["convert", str(empty), str(tmp_path / "out.kdump")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kdumpling-agent: warning: "), proc.stderr
+    assert "without memory" in lines[0] and ".py" not in lines[0]
