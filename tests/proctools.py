@@ -128,13 +128,29 @@ def start_target(exe: Path | str, *args: str, workers: int = 3) -> Target:
         raise AssertionError("fixture did not become ready")
     if proc.poll() is not None:
         raise AssertionError(f"fixture exited early with {proc.returncode}")
-    # Every thread must have reached its blocking call before the test captures.
+    # Every thread must have reached its blocking call before the test captures: wait until
+    # main, the echo thread and each worker sleep in the kernel (state S), not for a fixed
+    # time, which a loaded machine may not honour.
     expected = 2 + workers
     deadline = time.monotonic() + 10
-    while len(target.tids()) < expected and time.monotonic() < deadline:
+    while _sleeping_threads(target.pid) < expected:
+        if time.monotonic() > deadline:
+            raise AssertionError("fixture threads did not all block within 10 s")
         time.sleep(0.01)
-    time.sleep(0.05)
+    time.sleep(0.05)  # margin: a --churn thread blocked in pthread_join also counts as S
     return target
+
+
+def _sleeping_threads(pid: int) -> int:
+    count = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        count += state == b"S"
+    return count
 
 
 def proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
