@@ -32,6 +32,7 @@ from kdumpling.errors import (
 from .._procfs import ProcFS
 from ._libc import IoVec, libc
 
+# --- the ptrace(2) layer -----------------------------------------------------------------------
 PTRACE_CONT = 7
 PTRACE_DETACH = 17
 PTRACE_GETEVENTMSG = 0x4201
