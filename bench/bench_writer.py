@@ -18,7 +18,12 @@ ratios against anchors measured in the same run:
 Every timed write is measured without fsync, and the fsync of its output is timed separately for
 ours and for the anchors alike (columns ``s`` and ``+sync``); targets use the write time.
 
+4. compression levels: zlib kdump at level 1, 6 (the library's default, the seed's) and 9 on the
+   synthetic image (and the dense guest copy): what the default costs against level 1.
+   ``--levels-only`` runs just this section.
+
     .venv/bin/python bench/bench_writer.py [--size 1G] [--quick] [--guest-elf PATH] [--json F]
+    .venv/bin/python bench/bench_writer.py --levels-only --size 256M
 """
 
 from __future__ import annotations
@@ -240,7 +245,8 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = kdumpling.write_dump(
         image, out, format=spec["format"], compression=spec["compression"],
-        dump_level=spec["dump_level"], threads=spec["threads"], fsync=False,
+        compression_level=spec.get("level", 1), dump_level=spec["dump_level"],
+        threads=spec["threads"], fsync=False,
     )
     t1 = time.perf_counter()
     sync = fsync_path(out)
@@ -661,11 +667,13 @@ class Bench:
         return row
 
     def ours(self, section: str, name: str, inp: dict[str, Any], fmt: str, comp: str,
-             dump_level: int, repeat: int, note: str = "") -> Row:
+             dump_level: int, repeat: int, note: str = "", level: int = 1) -> Row:
+        """One of our writes; ``level`` 1 (the fast path) unless a row says otherwise, so that
+        zlib compares with makedumpfile -c (zlib level 1) whatever the library's default."""
         out = os.path.join(self.outdir, f"{section}-{name}.out".replace(" ", "-"))
         spec = {"kind": "ours", "input": inp, "out": out, "format": fmt, "compression": comp,
                 "dump_level": dump_level, "threads": self.args.threads,
-                "converter": self.args.converter}
+                "converter": self.args.converter, "level": level}
         argv = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
         return self._measure(section, name, argv, out, 0, repeat, note)
 
@@ -729,6 +737,37 @@ class Bench:
             self.target(f"kdump zlib throughput vs kdumpling {OLD_VERSION}", ratio, ratio >= 20,
                         ">= 20x", f"ours {zlib_row.mbps:.0f} MB/s, {OLD_VERSION} "
                         f"{old.mbps:.1f} MB/s")
+
+    def levels(self) -> None:
+        """What the library's default compression_level (6, the seed's) costs against level 1
+        (the agent's default and the fast path): zlib kdump -d 1 of the synthetic image, and of
+        the dense guest copy when --guest-elf is given. Level 9 for the curve's end."""
+        a = self.args
+        inputs = []
+        img, counts = build_synthetic(a.workdir, a.size, a.seed)
+        self.info.setdefault("synthetic", {"path": img, "size": a.size, "seed": a.seed,
+                                           "pages": counts})
+        inputs.append(("levels synth", {"type": "raw", "path": img, "size": a.size, "phys": 0},
+                       img))
+        if a.guest_elf:
+            fixed = os.path.join(a.workdir, "guest-fixed.elf")
+            dense = os.path.join(a.workdir, "guest-dense.elf")
+            fix_qemu_elf(os.path.abspath(a.guest_elf), fixed)
+            build_dense(fixed, dense, a.seed)
+            inputs.append(("levels dense", {"type": "elf", "path": dense}, dense))
+        for sec, inp, path in inputs:
+            warm(path)
+            rows = {lv: self.ours(sec, f"kdump zlib level {lv}", inp, "kdump", "zlib", 1,
+                                  a.repeat, "library default" if lv == 6 else "", level=lv)
+                    for lv in (1, 6, 9)}
+            one, six, nine = rows[1], rows[6], rows[9]
+            self.target(f"{sec}: level 6 time vs level 1", six.seconds / one.seconds, True,
+                        "(info only)", f"level 6 {six.seconds:.2f} s, level 1 "
+                        f"{one.seconds:.2f} s, level 9 {nine.seconds:.2f} s")
+            self.target(f"{sec}: level 6 size vs level 1", six.bytes_out / one.bytes_out,
+                        six.bytes_out <= one.bytes_out and nine.bytes_out <= six.bytes_out,
+                        "9 <= 6 <= 1", f"level 6 {human(six.bytes_out)}, level 1 "
+                        f"{human(one.bytes_out)}, level 9 {human(nine.bytes_out)}")
 
     def guest(self) -> None:
         a = self.args
@@ -861,6 +900,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=2, help="seed of the synthetic and dense inputs")
     p.add_argument("--skip-old", action="store_true", help=f"skip kdumpling {OLD_VERSION}")
     p.add_argument("--skip-synthetic", action="store_true", help="guest section only")
+    p.add_argument("--levels-only", action="store_true",
+                   help="only the compression-level section: zlib levels 1, 6 (the library "
+                   "default) and 9 on the synthetic image (and the dense guest with "
+                   "--guest-elf)")
     p.add_argument("--converter", choices=("bench", "reader"), default="bench",
                    help="guest ELF -> image: this script's ELF parser, or kdumpling.reader")
     p.add_argument("--keep", action="store_true", help="keep the output files")
@@ -892,10 +935,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(a)
     ver0 = writer_version()
     t0 = time.time()
-    if not a.skip_synthetic:
+    if not a.skip_synthetic and not a.levels_only:
         bench.synthetic()
-    if a.guest_elf:
+    if a.guest_elf and not a.levels_only:
         bench.guest()
+    bench.levels()
     text = bench.report()
     print(text)
     ver = writer_version()
