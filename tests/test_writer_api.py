@@ -222,3 +222,30 @@ def test_dump_levels_needing_struct_page_are_refused(tmp_path: str) -> None:
     b = KdumpBuilder().set_vmcoreinfo(VMCI).add_memory_segment(0, b"a" * 4096)
     with pytest.raises(ValueError, match="dump level 31 is not supported"):
         b.write(os.path.join(tmp_path, "x"), format="kdump", dump_level=31)
+
+
+@pytest.mark.parametrize("fmt", ["elf", "kdump-flat"])
+def test_streams_carry_the_incomplete_marker(fmt: str) -> None:
+    """A stream gets one ELF header: flagged when CoreImage.missing is known before writing.
+    The flattened stream's last header record carries the kdump status bit."""
+    from kdumpling import write_dump
+    from kdumpling.layout import FLAT_RECORD
+
+    image = KdumpBuilder().set_vmcoreinfo(VMCI).add_memory_segment(0, b"a" * 4096).to_image()
+    image.missing.append((0x1000, 0x2000))
+    out = io.BytesIO()
+    result = write_dump(image, out, format=fmt)
+    assert result.missing == [(0x1000, 0x2000)]
+    data = out.getvalue()
+    if fmt == "elf":
+        assert struct.unpack_from("<I", data, 48)[0] & 0x1
+        return
+    pos, status = 4096, None
+    while pos + FLAT_RECORD.size <= len(data):
+        offset, size = FLAT_RECORD.unpack_from(data, pos)
+        if offset < 0:
+            break
+        if offset == 0:
+            (status,) = struct.unpack_from("<I", data, pos + 16 + 424)
+        pos += 16 + size
+    assert status is not None and status & 0x08
