@@ -9,26 +9,12 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from .arch import arch_from_machine
-from .errors import SourceReadError, UnsupportedArchError, UsageError
+from . import layout
+from .arch import ArchInfo, arch_from_machine
+from .errors import FormatError, SourceReadError, UnsupportedArchError, UsageError
 from .image import CoreImage, DumpKind
-from .layout import (
-    DUMP_ELF_INCOMPLETE,
-    EHDR,
-    EHDR_SIZE,
-    ELFCLASS64,
-    ELFDATA2LSB,
-    ELFDATA2MSB,
-    ET_CORE,
-    PHDR,
-    PHDR_SIZE,
-    PN_XNUM,
-    PT_LOAD,
-    PT_NOTE,
-    SHDR,
-    SHDR_SIZE,
-)
 from .notes import CORE_NOTE_NAME, NT_AUXV, NT_FILE, NT_PRPSINFO, NT_SIGINFO, VMCOREINFO_NOTE_NAME
 from .read_base import (
     COPY,
@@ -47,6 +33,46 @@ from .read_base import (
 from .segments import FdRangeSource, MemorySegment
 
 
+@dataclass(frozen=True)
+class ElfHeader:
+    """The Elf64_Ehdr fields a core reader needs, checked by ``parse_ehdr``."""
+
+    endian: str
+    arch: ArchInfo
+    machine: int
+    flags: int
+    phoff: int
+    phnum: int  # as stored: PN_XNUM means the real count is in section header 0
+    phentsize: int
+    shoff: int
+    shnum: int
+    shentsize: int
+
+
+def parse_ehdr(head: bytes, name: str) -> ElfHeader:
+    """The checks every ELF reader makes first (files and streams): ELF64 in either byte order,
+    ET_CORE, a machine we know. FormatError names the offending field's offset."""
+    if len(head) < layout.EHDR_SIZE:
+        raise FormatError(f"ELF header truncated: {len(head)} of {layout.EHDR_SIZE} bytes", 0, name)
+    if head[:4] != layout.ELFMAG:
+        raise FormatError(f"not an ELF file (starts with {head[:4]!r})", 0, name)
+    if head[4] != layout.ELFCLASS64:
+        raise FormatError(f"only ELF64 dumps are supported (EI_CLASS {head[4]})", 4, name)
+    if head[5] not in (layout.ELFDATA2LSB, layout.ELFDATA2MSB):
+        raise FormatError(f"bad EI_DATA {head[5]}", 5, name)
+    endian = "<" if head[5] == layout.ELFDATA2LSB else ">"
+    (_, e_type, machine, _, _, phoff, shoff, flags, _, phentsize, phnum, shentsize,
+     shnum, _) = layout.EHDR[endian].unpack(head)
+    if e_type != layout.ET_CORE:
+        raise FormatError(f"not a core file (e_type {e_type})", 16, name)
+    try:
+        arch = arch_from_machine(machine, endian == ">")
+    except UnsupportedArchError as err:
+        raise FormatError(str(err), 18, name) from None
+    return ElfHeader(endian, arch, machine, flags, phoff, phnum, phentsize, shoff, shnum,
+                     shentsize)
+
+
 class ElfDump(Dump):
     """An ELF64 core: kexec/kdump vmcore, QEMU dump-guest-memory output, or a process core."""
 
@@ -60,34 +86,22 @@ class ElfDump(Dump):
     def _parse(self) -> None:
         blob = self._blob
         size = blob.size
-        head = blob.pread(0, EHDR_SIZE)
-        if len(head) < EHDR_SIZE:
-            raise self._err(f"ELF header truncated: file is {size} bytes", 0)
-        if head[4] != ELFCLASS64:
-            raise self._err(f"only ELF64 dumps are supported (EI_CLASS {head[4]})", 4)
-        if head[5] not in (ELFDATA2LSB, ELFDATA2MSB):
-            raise self._err(f"bad EI_DATA {head[5]}", 5)
-        endian = "<" if head[5] == ELFDATA2LSB else ">"
-        self.endian = endian
-        (_, e_type, machine, _, _, phoff, shoff, e_flags, _, phentsize, phnum, shentsize,
-         shnum, _) = EHDR[endian].unpack(head)
-        if e_type != ET_CORE:
-            raise self._err(f"not a core file (e_type {e_type})", 16)
-        try:
-            self.arch = arch_from_machine(machine, endian == ">")
-        except UnsupportedArchError as err:
-            raise self._err(str(err), 18) from None
-        if phnum == PN_XNUM:
+        ehdr = parse_ehdr(blob.pread(0, layout.EHDR_SIZE), self.path)
+        endian = self.endian = ehdr.endian
+        self.arch = ehdr.arch
+        machine, phoff, shoff, e_flags = ehdr.machine, ehdr.phoff, ehdr.shoff, ehdr.flags
+        phentsize, phnum, shentsize, shnum = ehdr.phentsize, ehdr.phnum, ehdr.shentsize, ehdr.shnum
+        if phnum == layout.PN_XNUM:
             # The real count is in section header 0's sh_info (gABI; QEMU write_elf_section).
-            if shoff == 0 or shoff + SHDR_SIZE > size:
+            if shoff == 0 or shoff + layout.SHDR_SIZE > size:
                 raise self._err("e_phnum is PN_XNUM but there is no section header 0", 0x28)
-            sh = SHDR[endian].unpack(blob.pread(shoff, SHDR_SIZE))
+            sh = layout.SHDR[endian].unpack(blob.pread(shoff, layout.SHDR_SIZE))
             phnum = sh[7]  # sh_info
         # No program headers at all is a valid, empty core (the seed's writer made them; gABI:
         # e_phoff 0 and e_phentsize may be 0 then).
-        if phnum and phentsize != PHDR_SIZE:
-            raise self._err(f"e_phentsize is {phentsize}, expected {PHDR_SIZE}", 0x36)
-        if phnum and (phoff < EHDR_SIZE // 2 or phoff + phnum * PHDR_SIZE > size):
+        if phnum and phentsize != layout.PHDR_SIZE:
+            raise self._err(f"e_phentsize is {phentsize}, expected {layout.PHDR_SIZE}", 0x36)
+        if phnum and (phoff < layout.EHDR_SIZE // 2 or phoff + phnum * layout.PHDR_SIZE > size):
             raise self._err(
                 f"{phnum} program headers at {phoff:#x} do not fit in the file ({size} bytes)",
                 0x20,
@@ -95,25 +109,26 @@ class ElfDump(Dump):
         self.header = {
             "e_machine": machine, "e_flags": e_flags, "e_phoff": phoff, "e_phnum": phnum,
             "e_shoff": shoff, "e_shnum": shnum, "e_shentsize": shentsize,
-            "layout": "kexec" if phoff == EHDR_SIZE else "qemu" if shoff == EHDR_SIZE else "other",
-            "incomplete": bool(e_flags & DUMP_ELF_INCOMPLETE),
+            "layout": "kexec" if phoff == layout.EHDR_SIZE
+            else "qemu" if shoff == layout.EHDR_SIZE else "other",
+            "incomplete": bool(e_flags & layout.DUMP_ELF_INCOMPLETE),
         }
-        if e_flags & DUMP_ELF_INCOMPLETE:
+        if e_flags & layout.DUMP_ELF_INCOMPLETE:
             self.warnings.append(
                 "ELF e_flags has DUMP_ELF_INCOMPLETE: the dump was cut short (makedumpfile)"
             )
-        table = blob.pread(phoff, phnum * PHDR_SIZE)
-        phdr = PHDR[endian]
+        table = blob.pread(phoff, phnum * layout.PHDR_SIZE)
+        phdr = layout.PHDR[endian]
         note_bytes = 0
         loads: list[DumpSegment] = []
         truncated = no_paddr = 0
         cut: list[tuple[DumpSegment, int]] = []  # PT_LOADs whose data runs past EOF, p_filesz
         for i in range(phnum):
-            off = phoff + i * PHDR_SIZE
+            off = phoff + i * layout.PHDR_SIZE
             p_type, p_flags, p_offset, vaddr, paddr, filesz, memsz, _ = phdr.unpack_from(
-                table, i * PHDR_SIZE
+                table, i * layout.PHDR_SIZE
             )
-            if p_type == PT_NOTE:
+            if p_type == layout.PT_NOTE:
                 note_bytes += filesz
                 if p_offset + filesz > size or note_bytes > size:
                     raise self._err(
@@ -121,7 +136,7 @@ class ElfDump(Dump):
                         "the file", off
                     )
                 self._collect_notes(blob.pread(p_offset, filesz), endian, p_offset)
-            elif p_type == PT_LOAD:
+            elif p_type == layout.PT_LOAD:
                 if memsz < filesz:
                     raise self._err(
                         f"PT_LOAD {i}: p_filesz {filesz:#x} > p_memsz {memsz:#x}", off

@@ -6,26 +6,9 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-from .arch import arch_from_machine
-from .errors import FormatError, SourceReadError, UnsupportedArchError
+from . import layout
+from .errors import FormatError, SourceReadError
 from .image import CoreImage, DumpKind
-from .layout import (
-    DUMP_ELF_INCOMPLETE,
-    EHDR,
-    EHDR_SIZE,
-    ELFCLASS64,
-    ELFDATA2LSB,
-    ELFDATA2MSB,
-    ELFMAG,
-    ET_CORE,
-    PHDR,
-    PHDR_SIZE,
-    PN_XNUM,
-    PT_LOAD,
-    PT_NOTE,
-    SHDR,
-    SHDR_SIZE,
-)
 from .notes import (
     CORE_NOTE_NAME,
     NT_AUXV,
@@ -37,7 +20,7 @@ from .notes import (
     parse_vmcoreinfo,
 )
 from .read_base import COPY, QEMU_NOTE_NAME, DumpSegment, StreamIn
-from .read_elf import build_map
+from .read_elf import build_map, parse_ehdr
 from .segments import CallableSource, MemorySegment
 
 MAX_STREAM_HEADER = 64 << 20  # default cap on an ELF stream's header + notes
@@ -75,40 +58,29 @@ class ElfStreamReader:
             self._head += data
 
     def _parse(self, max_header: int) -> None:
-        self._need(EHDR_SIZE, max_header, "ELF header")
-        head = bytes(self._head[:EHDR_SIZE])
-        if head[:4] != ELFMAG:
-            raise FormatError(f"not an ELF stream (starts with {head[:4]!r})", 0, self.name)
-        if head[4] != ELFCLASS64 or head[5] not in (ELFDATA2LSB, ELFDATA2MSB):
-            raise FormatError("only ELF64 streams are supported", 4, self.name)
-        endian = "<" if head[5] == ELFDATA2LSB else ">"
-        (_, e_type, machine, _, _, phoff, shoff, e_flags, _, phentsize, phnum, _, _,
-         _) = EHDR[endian].unpack(head)
-        if e_type != ET_CORE:
-            raise FormatError(f"not a core file (e_type {e_type})", 16, self.name)
-        try:
-            arch = arch_from_machine(machine, endian == ">")
-        except UnsupportedArchError as err:
-            raise FormatError(str(err), 18, self.name) from None
-        if phentsize != PHDR_SIZE:
+        self._need(layout.EHDR_SIZE, max_header, "ELF header")
+        ehdr = parse_ehdr(bytes(self._head[:layout.EHDR_SIZE]), self.name)
+        endian, arch, e_flags = ehdr.endian, ehdr.arch, ehdr.flags
+        phoff, phnum, phentsize, shoff = ehdr.phoff, ehdr.phnum, ehdr.phentsize, ehdr.shoff
+        if phentsize != layout.PHDR_SIZE:
             raise FormatError(f"e_phentsize is {phentsize}", 0x36, self.name)
-        if phnum == PN_XNUM:
+        if phnum == layout.PN_XNUM:
             if shoff == 0:
                 raise FormatError("PN_XNUM without a section header", 0x28, self.name)
-            self._need(shoff + SHDR_SIZE, max_header, "section header")
-            phnum = SHDR[endian].unpack_from(self._head, shoff)[7]  # sh_info
-        self._need(phoff + phnum * PHDR_SIZE, max_header, "program headers")
+            self._need(shoff + layout.SHDR_SIZE, max_header, "section header")
+            phnum = layout.SHDR[endian].unpack_from(self._head, shoff)[7]  # sh_info
+        self._need(phoff + phnum * layout.PHDR_SIZE, max_header, "program headers")
         loads: list[DumpSegment] = []
         note_ranges: list[tuple[int, int]] = []
         for i in range(phnum):
-            p_type, p_flags, off, vaddr, paddr, filesz, memsz, _ = PHDR[endian].unpack_from(
-                self._head, phoff + i * PHDR_SIZE)
-            if p_type == PT_NOTE:
+            p_type, p_flags, off, vaddr, paddr, filesz, memsz, _ = layout.PHDR[endian].unpack_from(
+                self._head, phoff + i * layout.PHDR_SIZE)
+            if p_type == layout.PT_NOTE:
                 note_ranges.append((off, filesz))
-            elif p_type == PT_LOAD:
+            elif p_type == layout.PT_LOAD:
                 if memsz < filesz:
                     raise FormatError(f"PT_LOAD {i}: p_filesz > p_memsz",
-                                      phoff + i * PHDR_SIZE, self.name)
+                                      phoff + i * layout.PHDR_SIZE, self.name)
                 loads.append(DumpSegment(paddr, vaddr, off, filesz, memsz, p_flags))
         notes: list[Note] = []
         for off, filesz in note_ranges:
@@ -124,7 +96,7 @@ class ElfStreamReader:
             any(n.name == CORE_NOTE_NAME and n.type in (NT_PRPSINFO, NT_FILE, NT_AUXV)
                 for n in notes)
         kind = DumpKind.PROCESS if process else DumpKind.KERNEL
-        if e_flags & DUMP_ELF_INCOMPLETE:
+        if e_flags & layout.DUMP_ELF_INCOMPLETE:
             self.warnings.append("ELF e_flags has DUMP_ELF_INCOMPLETE")
         ranges = build_map(loads, process)
         # The stream is read in file order; that must also be the address order the writers use.
