@@ -30,13 +30,9 @@ from .layout import (
     KDUMP_SUB_HEADER,
     NEW_UTS_LEN,
     PAGE_DESC,
-    checked_segments,
-    iter_page_chunks,
-    pfn_runs,
-    prefetch,
-    zero_page_flags,
 )
 from .notes import pack_notes
+from .pages import checked_segments, iter_page_chunks, pfn_runs, prefetch, zero_page_flags
 
 # libkdumpfile accepts block sizes in this range only (kdumpfile-priv.h MIN/MAX_PAGE_SIZE).
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 4096, 262144

@@ -33,11 +33,9 @@ from .layout import (
     PT_NOTE,
     SHDR,
     SHDR_SIZE,
-    checked_segments,
-    prefetch,
-    zero_page_flags,
 )
 from .notes import pack_notes
+from .pages import checked_segments, prefetch, zero_page_flags
 from .segments import PF_R, PF_W, PF_X, MemorySegment, ZeroSource
 from .sinks import Sink
 
