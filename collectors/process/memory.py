@@ -358,7 +358,7 @@ class _LazyRange:
 
 class LazyMemory:
     """The lazily dumped segments' sources: the writer reads them chunk by chunk, in its own
-    read-ahead thread (kdumpling.layout.prefetch), so reads overlap its writes on another CPU.
+    read-ahead thread (kdumpling.pages.prefetch), so reads overlap its writes on another CPU.
 
     ``close()`` (the writer closes every source when it is done, also on errors) waits for a
     read in flight and refuses later ones, then calls ``on_close`` once: from then on the
