@@ -11,17 +11,27 @@ same pages back (and fail on the ones we call missing), pyelftools reads the ELF
 from __future__ import annotations
 
 import struct
+import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
 from kdumpling import write_dump
-from kdumpling.layout import DUMP_DH_COMPRESSED_INCOMPLETE, DUMP_ELF_INCOMPLETE, PAGE_DESC
+from kdumpling.layout import (
+    DUMP_DH_COMPRESSED_INCOMPLETE,
+    DUMP_ELF_INCOMPLETE,
+    FLAT_END,
+    FLAT_HEADER,
+    FLAT_HEADER_SIZE,
+    FLAT_RECORD,
+    FLAT_SIGNATURE,
+    PAGE_DESC,
+)
 from kdumpling.notes import CustomNoteType, Note, annotations_text
 from kdumpling.reader import Dump, PageNotDumpedError, open_dump
 
 from tests import testdumps as td
-from tests.readers import drgn_program, kdumpfile_module, lkf_open
+from tests.readers import drgn_program, kdumpfile_module, lkf_open, tool
 
 PAGE = td.PAGE
 pytestmark = pytest.mark.readers
@@ -100,10 +110,27 @@ def _converted(dump: Dump, ref: dict[int, bytes], missing: set[int], out: Path, 
 # --- kdump-compressed --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["kdump", "elf"])
+def _flatten(normal: Path, out: Path) -> None:
+    """A normal kdump file as a flattened stream (makedumpfile.h): the 4 KiB header, records
+    of at most 1 MiB, the end marker. makedumpfile -R must give the file back."""
+    data = normal.read_bytes()
+    parts = [FLAT_HEADER.pack(FLAT_SIGNATURE, 1, 1).ljust(FLAT_HEADER_SIZE, b"\0")]
+    for pos in range(0, len(data), 1 << 20):
+        chunk = data[pos : pos + (1 << 20)]
+        parts += [FLAT_RECORD.pack(pos, len(chunk)), chunk]
+    out.write_bytes(b"".join([*parts, FLAT_END]))
+    back = out.with_suffix(".R")
+    with out.open("rb") as stream:
+        subprocess.run([tool("makedumpfile"), "-R", str(back)], stdin=stream, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    assert back.read_bytes() == data
+
+
+@pytest.mark.parametrize("fmt", ["kdump", "elf", "flat"])
 def test_kdump_descriptors_past_eof(src: dict[str, Path], tmp_path: Path, fmt: str) -> None:
     """Descriptors in the middle of the table that point past the end of the file (no header
-    flag): those pages are missing, libkdumpfile cannot read them either, the rest converts."""
+    flag): those pages are missing, libkdumpfile cannot read them either, the rest converts.
+    ``flat``: the same file as a flattened stream."""
     ref = _pages(src["kdump"])
     data = bytearray(src["kdump"].read_bytes())
     desc_off = _desc_off(src["kdump"])
@@ -120,12 +147,16 @@ def test_kdump_descriptors_past_eof(src: dict[str, Path], tmp_path: Path, fmt: s
     for pfn in lied:
         with pytest.raises(kd.exceptions.KDumpBaseException):
             ctx.read(kd.KDUMP_MACHPHYSADDR, pfn * PAGE, PAGE)
+    if fmt == "flat":
+        _flatten(path, tmp_path / "lying.flat")
+        path = tmp_path / "lying.flat"
     with open_dump(path) as dump:
         assert not dump.header["status"] & DUMP_DH_COMPRESSED_INCOMPLETE
         assert dump.missing == [(lied[0] * PAGE, (lied[-1] + 1) * PAGE)]
         assert dump.incomplete
         missing = _accounted(dump, ref)
-        _converted(dump, ref, missing, tmp_path / f"out.{fmt}", fmt)
+        out_fmt = "kdump" if fmt == "flat" else fmt
+        _converted(dump, ref, missing, tmp_path / f"out.{out_fmt}", out_fmt)
 
 
 def test_kdump_incomplete_flag_and_unwritten_descriptors(src: dict[str, Path],
