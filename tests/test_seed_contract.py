@@ -359,6 +359,26 @@ def test_reader_claimed_types_are_written_with_a_warning(tmp_path: str, note_typ
     assert [(n, d) for n, t, d in elf_notes(out) if n == "MYAPP"] == [("MYAPP", b"version=1.0")]
 
 
+@pytest.mark.parametrize("fmt", ["elf", "kdump"])
+def test_the_warning_is_true_crash_counts_a_type_1_note_as_a_cpu(tmp_path: str,
+                                                                  fmt: str) -> None:
+    def prstatus_notes(note_type: int) -> int:
+        b = KdumpBuilder().set_vmcoreinfo(VMCI).add_memory_segment(0, b"a" * 4096)
+        b.add_cpu_context(0, {"RIP": 1}, pid=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoteTypeWarning)
+            b.add_custom_note(b"MYAPP", note_type, b"version=1.0")
+        out = os.path.join(tmp_path, f"{note_type}.{fmt}")
+        b.write(out, format=fmt)
+        res = subprocess.run([tool("crash"), "-d1", "--osrelease", out], capture_output=True,
+                             text=True, timeout=60)
+        (line,) = [ln for ln in res.stdout.splitlines() if "num_prstatus_notes:" in ln]
+        return int(line.split(":")[1])
+
+    assert prstatus_notes(1) == 2  # one CPU, and our note taken for a second one
+    assert prstatus_notes(int(CustomNoteType.METADATA)) == 1
+
+
 @pytest.mark.parametrize("note_type", [0, 5, 255, 256, 0x4B444C01, 0xFFFFFFFF])
 @pytest.mark.parametrize("owner", [b"MYAPP", b"KDUMPLING", b"", "unicode-\u00e9"])
 def test_every_32bit_type_under_every_owner(tmp_path: str, note_type: int,
