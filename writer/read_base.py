@@ -188,7 +188,11 @@ class Range:
 
 
 class Dump:
-    """An open dump file. Use as a context manager; ``to_image()`` sources need it open."""
+    """An open dump file. Use as a context manager; ``to_image()`` sources need it open.
+
+    ``incomplete`` and ``missing`` say whether, and where, the file lacks data it promises;
+    ``header["incomplete"]`` only records what was seen so far (``missing`` scans on demand).
+    """
 
     format: str  # "elf" | "kdump" | "kdump-flat"
     arch: ArchInfo
