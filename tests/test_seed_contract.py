@@ -29,7 +29,15 @@ from kdumpling import (
 )
 from kdumpling.notes import kdumpling_note_kind, parse_annotations
 
-from tests.readers import crash_osrelease, drgn_program, lkf_open, lkf_read_phys, readelf, tool
+from tests.readers import (
+    crash_osrelease,
+    drgn_program,
+    kdumpfile_module,
+    lkf_open,
+    lkf_read_phys,
+    readelf,
+    tool,
+)
 
 SEED_VMCOREINFO = "OSRELEASE=5.14.0\nPAGE_SIZE=4096\n"  # the seed's example, as written
 # What drgn and libkdumpfile need besides OSRELEASE to open a kernel dump.
@@ -300,6 +308,10 @@ def test_empty_elf_dumps_read_back(tmp_path: str, what: str) -> None:
         assert types == [] and os.path.getsize(out) == 64
         with open(out, "rb") as f:
             assert struct.unpack_from("<Q", f.read(), 32)[0] == 0  # e_phoff
+        # The reader wins: libkdumpfile refuses an ELF file without any PT_LOAD.
+        kdumpfile = kdumpfile_module()
+        with pytest.raises(kdumpfile.exceptions.NotImplementedException, match="No content"):
+            lkf_open(out)
     else:
         assert types == ["PT_NOTE", "PT_LOAD"]
     if what == "vmcoreinfo":
