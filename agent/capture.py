@@ -25,7 +25,7 @@ from typing import BinaryIO, cast
 
 from kdumpling import OutputFormat, WriteResult, write_dump
 from kdumpling.collectors.base import Snapshot
-from kdumpling.errors import DumpWriteError, KdumplingError, UsageError
+from kdumpling.errors import DumpWriteError, FormatError, KdumplingError, UsageError
 from kdumpling.image import CoreImage, DumpKind
 from kdumpling.notes import (
     DEFAULT_NOTE_VENDOR,
@@ -270,13 +270,19 @@ def _record(target: Target, opened: Opened, w: _Written, settings: CaptureSettin
         unreadable=[UnreadableRange(u.start, u.end, u.reason, u.expected)
                     for u in snap.unreadable],
         truncated=bool(snap.truncated),
+        # memory the source could not deliver: the output is marked incomplete (issue 10)
+        missing=[{"start": a, "end": b} for a, b in wr.missing] or None,
         pause_seconds=None if snap.pause_seconds is None else round(snap.pause_seconds, 6),
         meta={k: v for k, v in snap.meta.items()
               if isinstance(v, str | int | float | bool | list | dict) or v is None})
 
 
 def _exit_code(record: SnapshotRecord) -> int:
-    """1: written with warnings (unreadable ranges, truncated); 0: whole."""
+    """65 (verify's code for a dump that does not read back whole): written with memory the
+    source could not deliver, marked incomplete; 1: written with warnings (unreadable ranges,
+    truncated); 0: whole."""
+    if record.missing:
+        return FormatError.exit_code
     return 1 if (record.has_warnings or record.truncated) else 0
 
 

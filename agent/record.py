@@ -96,6 +96,8 @@ class SnapshotRecord:
     warnings: list[str] | None = None
     unreadable: list[UnreadableRange] | None = None
     truncated: bool | None = None
+    # [{start, end}] memory the source promised but could not deliver (output incomplete)
+    missing: list[dict[str, int]] | None = None
     annotations: dict[str, str] | None = None
     meta: dict[str, Any] | None = None
     trigger: dict[str, Any] | None = None  # what made a conditional snapshot (issue 13)

@@ -256,7 +256,7 @@ class StreamedDumpCollector:
             image, spool_warnings, fixes, self._spool_dump = image_from_spool(self._spool_fd,
                                                                               target)
             if fixes:
-                meta["fixes"] = "; ".join(fixes)
+                meta["fixes"] = fixes  # QEMU's known header mistakes: expected, not warnings
             snap = Snapshot(image, target, pause_seconds=pause, meta=meta,
                             warnings=warnings + spool_warnings)
         self._snapshot = snap

@@ -12,6 +12,10 @@ The main customers are QEMU's and libvirt's own dump files, which do not open ev
   layout, fills utsname from OSRELEASE and takes phys_base from VMCOREINFO.
 
 The CPU notes, QEMU's own notes and the VMCOREINFO note are kept as they are.
+
+A file that promises memory it cannot deliver (cut short, page descriptors past its end) is
+converted with every page it still has; the rest is named in ``image.missing``, which makes the
+writers mark the output incomplete, and in a warning.
 """
 
 from __future__ import annotations
@@ -20,35 +24,67 @@ import os
 from types import TracebackType
 from typing import Any
 
+from kdumpling.arch import (
+    PHYS_BASE_KEYS,
+    phys_base_u64,
+    qemu_header_phys_base,
+    vmcoreinfo_phys_base,
+)
 from kdumpling.image import CoreImage, DumpKind
 
 from .base import Snapshot
 
-# The VMCOREINFO key that carries the kernel's physical load offset, per architecture
-# (arch/x86/kernel/machine_kexec_64.c, arch/arm64/kernel/vmcore_info.c).
-PHYS_BASE_KEY = {"x86_64": "NUMBER(phys_base)", "aarch64": "NUMBER(PHYS_OFFSET)"}
+MAX_RANGES_NAMED = 8  # a warning names this many missing ranges, the record all of them
 
 
-def vmcoreinfo_number(fields: dict[str, str], key: str) -> int | None:
-    """A NUMBER() value: decimal (``%ld``, maybe negative) or 0x-hex (some arm64 keys)."""
-    value = fields.get(key)
-    if value is None:
-        return None
-    try:
-        return int(value, 0)
-    except ValueError:
-        try:
-            return int(value, 10)  # int("-0123", 0) fails on leading zeros
-        except ValueError:
-            return None
+def missing_warning(missing: list[tuple[int, int]], what: str = "memory") -> str:
+    """One warning line naming the ranges of ``what`` that could not be read."""
+    total = sum(b - a for a, b in missing)
+    shown = ", ".join(f"{a:#x}-{b:#x}" for a, b in missing[:MAX_RANGES_NAMED])
+    more = f" and {len(missing) - MAX_RANGES_NAMED} more" if len(missing) > MAX_RANGES_NAMED \
+        else ""
+    return (f"{total} bytes of {what} in {len(missing)} range(s) could not be read: {shown}"
+            f"{more}; the output is marked incomplete")
+
+
+def _phys_base_fix(image: CoreImage, header_base: object) -> tuple[str | None, bool]:
+    """Set the image's phys_base from VMCOREINFO. Returns what changed in the header's value
+    (None: nothing) and whether it is QEMU's known misreading (expected, not a warning)."""
+    fields = image.vmcoreinfo_fields
+    phys_base = vmcoreinfo_phys_base(image.arch.name, fields)
+    if phys_base is None:
+        return None, False
+    # VMCOREINFO is the kernel's own word; the header may be QEMU's misparse.
+    image.phys_base = phys_base
+    # Both sides as the 64-bit field stores them: an ELF reader hands back the signed
+    # VMCOREINFO value, a kdump sub-header the unsigned one.
+    if not isinstance(header_base, int) or phys_base_u64(header_base) == phys_base_u64(phys_base):
+        return None, False
+    text = fields[PHYS_BASE_KEYS[image.arch.name]]
+    qemu = phys_base_u64(header_base) == qemu_header_phys_base(text)
+    why = " (QEMU reads the kernel's decimal value as hex)" if qemu else ""
+    return (f"header phys_base {phys_base_u64(header_base):#x} replaced by VMCOREINFO's "
+            f"{phys_base:#x}{why}"), qemu
+
+
+def _trim_missing_tails(image: CoreImage) -> None:
+    """A segment cut short by the end of its file keeps only the data it has: the part beyond
+    (p_memsz past p_filesz) would read back as zeros (ELF gABI), passing memory the file never
+    had off as zero-filled. The range is in ``image.missing`` instead."""
+    kernel = image.kind is DumpKind.KERNEL
+    for seg in image.segments:
+        start = seg.phys_addr if kernel else seg.effective_virt_addr
+        data_end, end = start + seg.size, start + seg.memsz
+        if end > data_end and any(a <= data_end and end <= b for a, b in image.missing):
+            seg.mem_size = seg.size
 
 
 def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str], list[str]]:
     """The image of an opened dump, with what QEMU gets wrong taken from VMCOREINFO instead.
 
-    Returns image, meta, warnings and fixes: what was corrected comes apart from the warnings,
-    as the caller says whether it is news (a file someone hands us) or expected (QEMU's own
-    dump, asked for by a collector).
+    Returns image, meta, warnings and fixes. Fixes are QEMU's known header mistakes, corrected
+    as expected (recorded, not warned); anything else that disagrees, and memory the file
+    cannot deliver (``image.missing``), is a warning.
     """
     image = dump.to_image()
     fixes: list[str] = []
@@ -56,15 +92,9 @@ def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str], l
     warnings = list(dump.warnings)
     if image.kind is DumpKind.KERNEL:
         fields = image.vmcoreinfo_fields
-        key = PHYS_BASE_KEY.get(image.arch.name)
-        phys_base = vmcoreinfo_number(fields, key) if key else None
-        header_base = dump.header.get("phys_base")
-        if phys_base is not None:
-            # VMCOREINFO is the kernel's own word; the header may be QEMU's misparse.
-            image.phys_base = phys_base
-            if isinstance(header_base, int) and header_base != phys_base & (2**64 - 1):
-                fixes.append(f"header phys_base {header_base:#x} replaced by "
-                             f"VMCOREINFO's {phys_base:#x}")
+        fix, expected = _phys_base_fix(image, dump.header.get("phys_base"))
+        if fix is not None:
+            (fixes if expected else warnings).append(fix)
         if "KERNELOFFSET" in fields:
             try:
                 meta["kernel_offset"] = int(fields["KERNELOFFSET"], 16)
@@ -74,6 +104,9 @@ def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str], l
         if not image.vmcoreinfo:
             warnings.append("the dump has no VMCOREINFO: crash --osrelease, drgn and "
                             "makedumpfile will not recognise the kernel")
+    if image.missing:
+        _trim_missing_tails(image)
+        warnings.append(missing_warning(image.missing))
     return image, meta, warnings, fixes
 
 
@@ -93,8 +126,9 @@ class DumpFileCollector:
         dump = self._dump = open_dump(self.path)
         try:
             image, meta, warnings, fixes = image_of_dump(dump)
-            warnings += fixes  # a file someone hands us: say what in it was wrong
             meta = {"collector": "convert", "source": self.path, **meta}
+            if fixes:
+                meta["fixes"] = fixes
             return Snapshot(image, f"{dump.format} dump {self.path}", warnings=warnings,
                             meta=meta)
         except BaseException:

@@ -198,6 +198,59 @@ def arch_from_machine(machine: int, big_endian: bool) -> ArchInfo:
     raise UnsupportedArchError(f"unsupported ELF machine {machine} ({order}-endian)")
 
 
+# --- phys_base: where the kernel was loaded ------------------------------------------------------
+# The VMCOREINFO key carrying the kernel's physical load offset, per architecture
+# (arch/x86/kernel/machine_kexec_64.c arch_crash_save_vmcoreinfo; arch/arm64/kernel/
+# vmcore_info.c). makedumpfile copies the same value into the kdump sub-header's phys_base
+# (arch/x86_64.c get_phys_base_x86_64, arch/arm64.c get_phys_base_arm64).
+PHYS_BASE_KEYS: dict[str, str] = {"x86_64": "NUMBER(phys_base)",
+                                  "aarch64": "NUMBER(PHYS_OFFSET)"}
+_U64 = (1 << 64) - 1
+
+
+def parse_vmcoreinfo_number(value: str) -> int:
+    """A VMCOREINFO ``NUMBER()`` value; ValueError when it is none.
+
+    The kernel prints ``%ld`` in decimal (include/linux/vmcore_info.h VMCOREINFO_NUMBER), so
+    x86_64's phys_base is negative when KASLR loads the kernel below its link address; some
+    arm64 keys are printed as ``0x`` hex (arch/arm64/kernel/vmcore_info.c).
+    """
+    text = value.strip()
+    try:
+        return int(text, 0)
+    except ValueError:
+        return int(text, 10)  # "-0123": base 0 refuses leading zeros
+
+
+def vmcoreinfo_phys_base(arch: str, fields: dict[str, str]) -> int | None:
+    """The kernel's own phys_base (signed) from VMCOREINFO fields; None if absent or garbled."""
+    key = PHYS_BASE_KEYS.get(ARCH_ALIASES.get(arch, arch))
+    if key is None or key not in fields:
+        return None
+    try:
+        return parse_vmcoreinfo_number(fields[key])
+    except ValueError:
+        return None
+
+
+def phys_base_u64(value: int) -> int:
+    """phys_base as the 64-bit sub-header field holds it (two's complement when negative)."""
+    return value & _U64
+
+
+def qemu_header_phys_base(value: str) -> int | None:
+    """What QEMU writes into its kdump sub-header for the VMCOREINFO text ``value``.
+
+    QEMU reads the kernel's decimal number as hex (dump/dump.c vmcoreinfo_update_phys_base:
+    ``qemu_strtou64(..., 16)``, a leading minus wrapping modulo 2**64), so "-222298112" becomes
+    0xfffffffdddd67eee. None when even that parse fails (QEMU then keeps its own guess).
+    """
+    try:
+        return phys_base_u64(int(value.strip(), 16))
+    except ValueError:
+        return None
+
+
 # --- register sets of a process core -----------------------------------------------------------
 # Per thread the kernel writes one note per regset of the task's user_regset_view that has a
 # core note type and is active (fs/binfmt_elf.c fill_thread_core_info). Every architecture

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 
+from .arch import phys_base_u64, vmcoreinfo_phys_base
 from .codecs import DEFAULT_LEVEL, CompressionType, PageCodec
 from .errors import LayoutError
 from .image import CoreImage, DumpKind
@@ -54,26 +55,13 @@ class KdumpStats:
     data_bytes: int = 0
 
 
-def _signed_to_u64(value: int) -> int:
-    return value & 0xFFFFFFFFFFFFFFFF
-
-
 def header_phys_base(image: CoreImage) -> int:
-    """phys_base for the sub-header: from the image, else from VMCOREINFO.
-
-    The kernel prints NUMBER(phys_base) in decimal with %ld (kernel/vmcore_info.c), which may be
-    negative under KASLR; QEMU parses it as hex and gets it wrong (rig README, finding 4).
-    """
+    """phys_base for the sub-header: from the image, else from VMCOREINFO (kdumpling.arch:
+    the kernel prints it in decimal, negative under KASLR; QEMU misreads it as hex)."""
     if image.phys_base is not None:
-        return _signed_to_u64(image.phys_base)
-    fields = image.vmcoreinfo_fields
-    key = {"x86_64": "NUMBER(phys_base)", "aarch64": "NUMBER(PHYS_OFFSET)"}.get(image.arch.name)
-    if key and key in fields:
-        try:
-            return _signed_to_u64(int(fields[key], 0))
-        except ValueError:
-            return 0
-    return 0
+        return phys_base_u64(image.phys_base)
+    value = vmcoreinfo_phys_base(image.arch.name, image.vmcoreinfo_fields)
+    return phys_base_u64(value) if value is not None else 0
 
 
 def _uts(value: str) -> bytes:
