@@ -22,15 +22,18 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kdumpling.errors import ConfigError
+from kdumpling.errors import ConfigError, KdumplingError
 
 from .log import get_logger
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the config imports this module: no import of it at run time
+    from .config import AgentConfig
+    from .record import SnapshotRecord
     from .store import SnapshotStore
 
 RESULTS = ("ok", "incomplete", "failed")
@@ -236,16 +239,34 @@ def update(path: str, attempt: Attempt | None = None,
         _replace(path, render(state))
 
 
-def report(path: str | None, attempt: Attempt | None,
-           store: SnapshotStore | None = None) -> None:
-    """``update`` for the capture paths: metrics never fail a capture, a problem is a warning."""
+def observe(config: AgentConfig, target: str, started: float, exit_code: int,
+            record: SnapshotRecord | None = None, *, abandoned: bool = False,
+            store: str | None = None) -> None:
+    """After one snapshot attempt (service, ``service --once``, ``capture``): update the textfile
+    when the config names one. ``record`` is the written snapshot's; ``store`` the location it
+    went to (the store-wide series follow the configured store only). Metrics never fail a
+    capture: a problem is logged as a warning."""
+    path = config.metrics.textfile
     if not path:
         return
+    from .store import default_store_dir, open_store
+
+    attempt = None
+    if not abandoned:  # asked to stop: no result
+        pause = record.pause_seconds if record is not None else None
+        size = record.bytes_out if record is not None else None
+        attempt = Attempt(target, result_of(exit_code) if record is not None else "failed",
+                          started, max(0.0, time.time() - started), pause, size)
     try:
-        update(path, attempt, store)
-    except (OSError, ValueError) as err:
+        configured = os.path.abspath(default_store_dir(config.output.directory))
+        if store is not None and os.path.abspath(store) == configured:
+            with open_store(store) as opened:
+                update(path, attempt, opened)
+        else:
+            update(path, attempt)
+    except (OSError, ValueError, KdumplingError) as err:
         get_logger().warning("metrics: cannot write %s: %s", path, err)
 
 
-__all__ = ["Attempt", "MetricsConfig", "parse", "parse_metrics_table", "render", "report",
+__all__ = ["Attempt", "MetricsConfig", "observe", "parse", "parse_metrics_table", "render",
            "result_of", "update"]
