@@ -23,6 +23,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod
   libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon-system
   python3-libvirt systemd util-linux procps
+  systemd-container  # systemd-nspawn: the systemd test tier boots a throw-away container
 )
 
 install_apt() {
