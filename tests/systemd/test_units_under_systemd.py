@@ -316,3 +316,26 @@ def test_uninstall_removes_the_units_and_keeps_config_and_snapshots(
     assert _records(container, "victim")
     listed = container.run("ls", "/etc/systemd/system/multi-user.target.wants").stdout
     assert "kdumpling" not in listed, shlex.quote(listed)
+
+
+def test_the_checkouts_own_venv_works_the_same(container: Container, victim: int) -> None:
+    """The README as written: ./setup.sh's .venv in the checkout, install --enable --now."""
+    script = Path(sys.executable).parent / "kdumpling-agent"
+    if not script.exists() or str(script).startswith(("/tmp/", "/var/tmp/")):
+        pytest.skip("the tests do not run from a venv outside /tmp with the console script")
+    container.write(CONFIG, _config({"victim": ("kdl-victim.service", "1h")}))
+    before = len(_records(container, "victim"))
+    res = container.run(str(script), "service", "install", "--enable", "--now", "--json")
+    report = json.loads(res.stdout)
+    try:
+        assert report["exec_start"] == str(script)
+        assert ["systemctl", "restart", UNIT] in report["systemctl"]
+        props = container.show(UNIT, "ActiveState", "SubState", "ExecStart", "UnitFileState")
+        assert (props["ActiveState"], props["SubState"], props["UnitFileState"]) == \
+            ("active", "running", "enabled"), props
+        assert f"path={script} " in props["ExecStart"]
+        wait_until(lambda: len(_records(container, "victim")) == before + 1, 60,
+                   "a snapshot from the checkout's venv")
+        _assert_running_untraced(container, victim)
+    finally:
+        container.run(str(script), "service", "uninstall")
