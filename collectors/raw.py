@@ -13,6 +13,9 @@ VMCOREINFO comes from a text file (``vmcoreinfo=``: the KEY=VALUE lines) or from
 image came from (kernel/ksysfs.c: physical address of the VMCOREINFO note, then the note buffer
 size, both hex). At that address sits one ELF note: ``Elf64_Nhdr {namesz=11, descsz, type=0}``,
 ``"VMCOREINFO\\0"`` padded to 4, then the text (kernel/vmcore_info.c update_vmcoreinfo_note).
+
+An image shorter than its phys_map or its LiME headers claim gives every byte it has; the rest
+is named in ``image.missing`` (the writers mark the output incomplete) and in a warning.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from kdumpling.notes import VMCOREINFO_NOTE_NAME, Note, parse_vmcoreinfo, vmcore
 from kdumpling.segments import FileRangeSource, MemorySegment
 
 from .base import Snapshot
+from .convert import missing_warning
 
 # struct lime_mem_range_header (LiME doc/README.md), packed, little-endian.
 LIME_HEADER = struct.Struct("<IIQQ8s")
@@ -101,8 +105,15 @@ def qemu_x86_phys_map(ram_bytes: int, machine: str = "pc") -> list[PhysRange]:
     return ranges
 
 
-def read_lime_ranges(path: str, image_index: int = 0) -> list[PhysRange]:
-    """The ranges of a LiME file, each checked against the file size."""
+def read_lime_ranges(path: str, image_index: int = 0, *,
+                     missing: list[tuple[int, int]] | None = None,
+                     warnings: list[str] | None = None) -> list[PhysRange]:
+    """The ranges of a LiME file, each checked against the file size.
+
+    A file cut short raises FormatError, unless ``missing`` is given: then the last range
+    keeps the bytes it has and the physical range it lacks goes into ``missing`` (a header
+    cut short, whose range is unknown, into ``warnings``).
+    """
     try:
         size = os.stat(path).st_size
         f = open(path, "rb")  # noqa: SIM115 - closed below, also on errors
@@ -114,6 +125,11 @@ def read_lime_ranges(path: str, image_index: int = 0) -> list[PhysRange]:
         while off < size:
             f.seek(off)
             raw = f.read(LIME_HEADER.size)
+            if len(raw) < LIME_HEADER.size and ranges and warnings is not None:
+                warnings.append(f"{path} ends inside a LiME range header at offset {off:#x} "
+                                f"({len(raw)} of {LIME_HEADER.size} bytes): whatever range "
+                                "it described is not in the dump")
+                break
             if len(raw) < LIME_HEADER.size:
                 raise FormatError(f"truncated LiME header ({len(raw)} of {LIME_HEADER.size} bytes)",
                                   off, path)
@@ -128,6 +144,12 @@ def read_lime_ranges(path: str, image_index: int = 0) -> list[PhysRange]:
                                   off + 8, path)
             length = end - start + 1  # e_addr is inclusive
             data = off + LIME_HEADER.size
+            if data + length > size and missing is not None:
+                have = max(0, size - data)
+                if have:
+                    ranges.append(PhysRange(start, have, image_index, data))
+                missing.append((start + have, end + 1))
+                break
             if data + length > size:
                 raise FormatError(
                     f"truncated LiME file: range {start:#x}-{end:#x} needs {length:#x} bytes at "
@@ -186,10 +208,15 @@ class RawMemoryCollector:
         self.vmcoreinfo_at = vmcoreinfo_at
         self.arch = get_arch(arch)
         self._sources: list[FileRangeSource] = []
+        # physical ranges the images claim but do not hold (filled by ranges())
+        self.missing: list[tuple[int, int]] = []
+        self.warnings: list[str] = []
 
     # -- layout ---------------------------------------------------------------------------------
     def ranges(self) -> list[PhysRange]:
-        """Every range, checked against its file, sorted by physical address."""
+        """Every range with data, sorted by physical address; what the files claim but do not
+        hold goes to ``self.missing``."""
+        self.missing, self.warnings = [], []
         sizes = []
         for path in self.images:
             try:
@@ -200,7 +227,8 @@ class RawMemoryCollector:
         ranges: list[PhysRange] = []
         for i, path in enumerate(self.images):
             if lime[i]:
-                ranges += read_lime_ranges(path, i)
+                ranges += read_lime_ranges(path, i, missing=self.missing,
+                                           warnings=self.warnings)
         raw = [i for i in range(len(self.images)) if not lime[i]]
         if self.phys_map is not None:
             for r in self.phys_map:
@@ -209,12 +237,12 @@ class RawMemoryCollector:
                     raise UsageError(f"phys_map entry {r}: image {r.image} is {kind}")
                 if r.size <= 0 or r.phys_addr < 0 or r.offset < 0:
                     raise UsageError(f"phys_map entry {r}: size must be positive, addresses >= 0")
-                if r.offset + r.size > sizes[r.image]:
-                    raise FormatError(
-                        f"image is shorter than the phys_map says: {r.size:#x} bytes at offset "
-                        f"{r.offset:#x} for physical {r.phys_addr:#x}, the file has "
-                        f"{sizes[r.image]:#x}", sizes[r.image], self.images[r.image])
-            ranges += self.phys_map
+            for r in self.phys_map:
+                have = min(r.size, max(0, sizes[r.image] - r.offset))
+                if have < r.size:  # the image is shorter than the phys_map says
+                    self.missing.append((r.phys_addr + have, r.end))
+                if have:
+                    ranges.append(PhysRange(r.phys_addr, have, r.image, r.offset))
             unmapped = sorted(set(raw) - {r.image for r in self.phys_map})
             if unmapped:
                 raise UsageError(f"phys_map places nothing from {self.images[unmapped[0]]}")
@@ -225,6 +253,7 @@ class RawMemoryCollector:
         elif raw:
             raise UsageError(f"{len(raw)} raw images: give a phys_map saying where each goes")
         ranges.sort(key=lambda r: r.phys_addr)
+        self.missing.sort()
         for a, b in itertools.pairwise(ranges):
             if b.phys_addr < a.end:
                 raise UsageError(f"physical ranges overlap: {a.phys_addr:#x}-{a.end:#x} "
@@ -303,9 +332,12 @@ class RawMemoryCollector:
             segments.append(MemorySegment(r.phys_addr, src))
         notes: list[Note] = [vmcoreinfo_note(text)]
         image = CoreImage(arch=self.arch, kind=DumpKind.KERNEL, segments=segments, notes=notes,
-                          vmcoreinfo=text)
+                          vmcoreinfo=text, missing=list(self.missing))
         names = ", ".join(self.images)
-        return Snapshot(image, f"memory image {names}", meta={
+        warnings = list(self.warnings)
+        if image.missing:
+            warnings.append(missing_warning(image.missing, "physical memory the images claim"))
+        return Snapshot(image, f"memory image {names}", warnings=warnings, meta={
             "collector": "raw", "images": self.images,
             "ranges": [[r.phys_addr, r.size, r.image, r.offset] for r in ranges],
         })

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kdumpling import write_dump
@@ -26,6 +27,7 @@ from kdumpling.errors import FormatError, UsageError
 from kdumpling.notes import pack_note, vmcoreinfo_note
 
 from tests import testdumps as td
+from tests.agenttools import json_out, run_agent
 from tests.readers import kdumpfile_module, lkf_open, tool
 
 PAGE = td.PAGE
@@ -181,17 +183,64 @@ def test_vmcoreinfo_twice(tmp_path: Path) -> None:
         pass
 
 
-def test_truncated_lime(machine: td.Machine, tmp_path: Path) -> None:
+def _incomplete_capture(args: list[str], tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path / "out.kdump"
+    proc = run_agent(["capture", "raw", *args, "-o", str(out), "--format", "kdump", "--json"],
+                     tmp_path)
+    assert proc.returncode == 65, proc.stderr
+    rec = json_out(proc)
+    assert any("could not be read" in w for w in rec["warnings"])
+    with open(out, "rb") as f:
+        assert struct.unpack_from("<I", f.read(0x1AC), 0x1A8)[0] & 0x8  # INCOMPLETE status
+    return out, rec
+
+
+def _pages_back(out: Path, m: td.Machine, lost: set[int], cut_at: int | None = None) -> None:
+    """libkdumpfile: pages in ``lost`` absent, the page holding ``cut_at`` as far as it goes,
+    every other page as in the machine."""
+    kdumpfile = kdumpfile_module()
+    ctx = lkf_open(str(out))
+    for pfn in m.pfns():
+        if cut_at is not None and pfn == cut_at // PAGE:
+            got = bytes(ctx.read(kdumpfile.KDUMP_MACHPHYSADDR, pfn * PAGE, PAGE))
+            assert got[: cut_at % PAGE] == m.page(pfn)[: cut_at % PAGE]
+        elif pfn in lost:
+            with pytest.raises(kdumpfile.exceptions.KDumpBaseException):
+                ctx.read(kdumpfile.KDUMP_MACHPHYSADDR, pfn * PAGE, PAGE)
+        else:
+            assert bytes(ctx.read(kdumpfile.KDUMP_MACHPHYSADDR, pfn * PAGE, PAGE)) == \
+                m.page(pfn), hex(pfn)
+
+
+@pytest.mark.readers
+def test_cut_lime_keeps_what_it_has(machine: td.Machine, tmp_path: Path) -> None:
+    """A LiME file cut inside its last range: every byte it has is dumped, the range it lacks
+    is named, the kdump says incomplete, the agent exits 65 (it refused the whole file)."""
     f = tmp_path / "cut.lime"
     _lime(f, [(r.phys, r.data) for r in machine.regions])
-    full = f.read_bytes()
-    f.write_bytes(full[:-10])
+    f.write_bytes(f.read_bytes()[: -3 * PAGE - 10])
     last = machine.regions[-1]
-    data_at = len(full) - len(last.data)
-    with pytest.raises(FormatError, match="truncated LiME file") as err, \
-            RawMemoryCollector(f, vmcoreinfo=machine.vmcoreinfo):
-        pass
-    assert err.value.offset == data_at and err.value.path == str(f)
+    with RawMemoryCollector(f, vmcoreinfo=machine.vmcoreinfo) as snap:
+        assert snap.image.missing == [(last.end - 3 * PAGE - 10, last.end)]
+        assert snap.image.segments[-1].size == len(last.data) - 3 * PAGE - 10
+    vmci = tmp_path / "vmcoreinfo"
+    vmci.write_bytes(machine.vmcoreinfo)
+    out, rec = _incomplete_capture([str(f), "--vmcoreinfo", str(vmci)], tmp_path)
+    assert rec["missing"] == [{"start": last.end - 3 * PAGE - 10, "end": last.end}]
+    # the page cut in the middle keeps its first bytes
+    _pages_back(out, machine, {last.end // PAGE - i for i in (1, 2, 3)},
+                cut_at=last.end - 3 * PAGE - 10)
+
+
+def test_lime_cut_inside_a_header_warns(machine: td.Machine, tmp_path: Path) -> None:
+    f = tmp_path / "cut.lime"
+    _lime(f, [(r.phys, r.data) for r in machine.regions])
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) - len(machine.regions[-1].data) - 10])
+    with RawMemoryCollector(f, vmcoreinfo=machine.vmcoreinfo) as snap:
+        assert [s.phys_addr for s in snap.image.segments] == \
+            [r.phys for r in machine.regions[:-1]]
+        assert any("inside a LiME range header" in w for w in snap.warnings)
 
 
 def test_lime_bad_second_header(machine: td.Machine, tmp_path: Path) -> None:
@@ -228,14 +277,21 @@ def test_overlapping_ranges(tmp_path: Path) -> None:
         pass
 
 
-def test_phys_map_past_end_of_image(tmp_path: Path) -> None:
+@pytest.mark.readers
+def test_phys_map_past_end_of_image(machine: td.Machine, tmp_path: Path) -> None:
+    """A raw image shorter than its phys_map: kept as far as it goes, the rest named."""
     img = tmp_path / "mem.raw"
-    img.write_bytes(bytes(3 * PAGE))
-    with pytest.raises(FormatError, match="shorter than the phys_map") as err, \
-            RawMemoryCollector(img, phys_map=[(0, 4 * PAGE)],
-                               vmcoreinfo=b"OSRELEASE=x\nPAGESIZE=4096\n"):
-        pass
-    assert err.value.path == str(img)
+    size = _flat_image(machine, img)
+    claimed = size + 5 * PAGE
+    with RawMemoryCollector(img, phys_map=[(0, claimed)], vmcoreinfo=machine.vmcoreinfo) as snap:
+        assert [(s.phys_addr, s.size) for s in snap.image.segments] == [(0, size)]
+        assert snap.image.missing == [(size, claimed)]
+    vmci = tmp_path / "vmcoreinfo"
+    vmci.write_bytes(machine.vmcoreinfo)
+    out, rec = _incomplete_capture([str(img), "--phys-map", f"0:{claimed:#x}", "--vmcoreinfo",
+                                    str(vmci)], tmp_path)
+    assert rec["missing"] == [{"start": size, "end": claimed}]
+    _pages_back(out, machine, set())
 
 
 def test_several_raw_images_need_a_map(tmp_path: Path) -> None:

@@ -86,6 +86,23 @@ def qemu_expect(qemu_guest: rig.QemuGuest, guest_spec: rig.GuestSpec) -> Expect:
 
 
 @pytest.fixture(scope="session")
+def negative_phys_base_guest(guest_kernel: rig.KernelFiles,
+                             guest_dir: Path) -> Iterator[rig.QemuGuest]:
+    """A stopped guest whose KASLR phys_base is negative on every boot (a replay seed under
+    TCG -icount; see rig.replay_options), so QEMU's dumps of it always carry one."""
+    spec = rig.new_spec("0e9a71fe5eed0b5e")  # fixed: the initramfs bytes feed KASLR's seed
+    initramfs = rig.build_initramfs(guest_kernel, guest_dir / "replay-initramfs.cpio.gz", spec)
+    try:
+        guest = rig.boot_negative_phys_base(guest_kernel, initramfs, guest_dir / "replay", spec)
+    except rig.RigError as err:
+        pytest.fail(f"no guest with a negative phys_base: {err}")
+    try:
+        yield guest
+    finally:
+        guest.stop()
+
+
+@pytest.fixture(scope="session")
 def libvirt_daemons(guest_dir: Path) -> Iterator[rig.LibvirtDaemons]:
     try:
         import libvirt  # noqa: F401

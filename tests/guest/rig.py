@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
+import hashlib
 import io
+import json
 import os
 import re
 import secrets
@@ -44,6 +46,8 @@ FILE_PATTERN_STEM = "KDT-FILEPAT-tmpfs-page-cache"
 ANON_PATTERN_STEM = "KDT-ANONPAT-shell-anon-heap"
 FILE_MB = 16
 ANON_MB = 4
+# x86_64 kernel text map (arch/x86/include/asm/page_64_types.h __START_KERNEL_map)
+START_KERNEL_MAP = 0xFFFFFFFF80000000
 
 
 def cache_dir() -> Path:
@@ -238,8 +242,10 @@ class GuestSpec:
         return None
 
 
-def new_spec() -> GuestSpec:
-    nonce = secrets.token_hex(8)
+def new_spec(nonce: str | None = None) -> GuestSpec:
+    """Patterns and marker with a random nonce, or a fixed one (a guest whose boot must repeat
+    exactly: the initramfs bytes go into the kernel's KASLR seed)."""
+    nonce = nonce or secrets.token_hex(8)
 
     def pattern(stem: str) -> bytes:
         text = f"{stem}-{nonce}-"
@@ -299,6 +305,8 @@ while read -r range perms off dev inode name; do
 done < /proc/$pid/maps
 say "anon-pfns$pfns"
 say "vmcoreinfo $(cat /sys/kernel/vmcoreinfo)"
+say "kernel-code $(grep 'Kernel code' /proc/iomem | tr -d ' ')"
+say "text-symbol $(grep ' _text$' /proc/kallsyms)"
 say "mem $(grep -E 'MemTotal|MemFree' /proc/meminfo | tr -s ' ' | tr '\\n' ' ')"
 echo "{spec.marker} release=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)" > /dev/kmsg
 while :; do sleep 3600; done
@@ -353,7 +361,8 @@ def build_initramfs(kernel: KernelFiles, target: Path, spec: GuestSpec) -> Path:
     order = "".join(n + "\n" for n in names).encode()
     entries.append(("lib/modules/load-order", stat.S_IFREG | 0o644, order, (0, 0)))
     entries.append(("init", stat.S_IFREG | 0o755, _init_script(spec).encode(), (0, 0)))
-    target.write_bytes(gzip.compress(_cpio_newc(entries), 6))
+    # mtime 0: the same spec gives the same bytes (a deterministic guest boots from them)
+    target.write_bytes(gzip.compress(_cpio_newc(entries), 6, mtime=0))
     target.chmod(0o644)
     return target
 
@@ -368,6 +377,9 @@ class GuestReport:
     anon_pfns: list[int]
     fw_cfg_vmcoreinfo: bool
     lines: list[str] = field(default_factory=list)
+    # where KASLR put the kernel: physical _text ("Kernel code" in /proc/iomem) minus its
+    # offset in the kernel text map (arch/x86/include/asm/page_64.h __phys_addr_symbol)
+    phys_base: int | None = None
 
 
 def parse_report(serial: str, spec: GuestSpec) -> GuestReport:
@@ -379,6 +391,10 @@ def parse_report(serial: str, spec: GuestSpec) -> GuestReport:
     pfns = re.search(r"kdt: anon-pfns(( [0-9a-f]+)*)", text)
     if not (rel and vmci and pfns):
         raise RigError("guest report incomplete:\n" + text)
+    code = re.search(r"kdt: kernel-code ([0-9a-f]+)-", text)
+    sym = re.search(r"kdt: text-symbol ([0-9a-f]+) ", text)
+    phys_base = int(code.group(1), 16) - (int(sym.group(1), 16) - START_KERNEL_MAP) \
+        if code and sym and int(sym.group(1), 16) else None
     return GuestReport(
         release=rel.group(1),
         vmcoreinfo_addr=int(vmci.group(1), 16),
@@ -386,6 +402,7 @@ def parse_report(serial: str, spec: GuestSpec) -> GuestReport:
         anon_pfns=[int(p, 16) for p in pfns.group(1).split()],
         fw_cfg_vmcoreinfo="fw_cfg vmcoreinfo present" in text,
         lines=lines,
+        phys_base=phys_base,
     )
 
 
@@ -420,9 +437,11 @@ class QemuGuest:
 
     def __init__(self, kernel: KernelFiles, initramfs: Path, workdir: Path, spec: GuestSpec,
                  *, mem_mb: int = 512, smp: int = 2, ram_file: Path | None = None,
-                 vmcoreinfo_device: bool = True) -> None:
+                 vmcoreinfo_device: bool = True, replay_seed: int | None = None) -> None:
         self.kernel, self.initramfs, self.workdir, self.spec = kernel, initramfs, workdir, spec
         self.mem_mb, self.smp, self.ram_file = mem_mb, smp, ram_file
+        # A boot that repeats itself: see replay_options()
+        self.replay_seed = replay_seed
         self.vmcoreinfo_device = vmcoreinfo_device
         self.qmp_path = workdir / "qmp.sock"
         self.serial_log = workdir / "serial.log"
@@ -433,7 +452,9 @@ class QemuGuest:
 
     def command(self) -> list[str]:
         accel = os.environ.get("KDUMPLING_TEST_ACCEL", "tcg")
-        if accel == "kvm":
+        if self.replay_seed is not None:
+            accel_opts, cpu = replay_options(self.replay_seed), "max,la57=off"
+        elif accel == "kvm":
             accel_opts, cpu = ["-accel", "kvm"], "host"
         else:
             # -cpu max without la57: 4-level paging like most real machines
@@ -486,6 +507,65 @@ class QemuGuest:
             if self.ram_file is not None:  # QEMU creates it but never removes it
                 with contextlib.suppress(FileNotFoundError):
                     self.ram_file.unlink()
+
+
+# --- a guest whose KASLR always gives the same (negative) phys_base -----------------------------
+
+def replay_options(seed: int) -> list[str]:
+    """QEMU options under which the same kernel and initramfs boot to the same KASLR layout.
+
+    x86 KASLR mixes a hash of boot_params and the build string (so the initramfs size and
+    the command line) with RDRAND, RDTSC and the i8254 (arch/x86/lib/kaslr.c
+    kaslr_get_random_long). Under TCG, ``-icount`` makes RDTSC and the timers count executed
+    instructions (``sleep=off``: idle time does not follow the host's clock) and ``-seed``
+    makes RDRAND a seeded generator (QEMU qemu-options.hx). icount needs a single TCG thread.
+    Measured here: the same seed gave the same phys_base on every boot, another seed another.
+    """
+    return ["-accel", "tcg,thread=single", "-icount", "shift=0,sleep=off", "-seed", str(seed)]
+
+
+NEGATIVE_PHYS_BASE_SEEDS = range(1, 13)  # P(phys_base >= 0) ~ 0.4 each: 12 misses ~ 2e-5
+
+
+def boot_negative_phys_base(kernel: KernelFiles, initramfs: Path, workdir: Path,
+                            spec: GuestSpec, *, mem_mb: int = 256) -> QemuGuest:
+    """A stopped guest whose phys_base is negative (the kernel below its link address), by a
+    replay seed found once (bounded search, cached by kernel, initramfs and QEMU) and checked
+    on every boot: a seed that stops giving the same layout is an error, never a skip."""
+    qemu = _run(["qemu-system-x86_64", "--version"]).splitlines()[0]
+    h = hashlib.sha256(f"{qemu}|{mem_mb}|".encode())
+    h.update(kernel.vmlinuz.read_bytes())
+    h.update(initramfs.read_bytes())
+    key = h.hexdigest()[:24]
+    seeds_file = cache_dir() / "negative-phys-base-seeds.json"
+    with _locked(cache_dir() / ".seeds.lock"):
+        known = json.loads(seeds_file.read_text()) if seeds_file.exists() else {}
+    cached = known.get(key)
+    tried: list[str] = []
+    for seed in [cached] if cached is not None else NEGATIVE_PHYS_BASE_SEEDS:
+        guest = QemuGuest(kernel, initramfs, workdir / f"seed{seed}", spec, mem_mb=mem_mb, smp=1,
+                          replay_seed=seed)
+        try:
+            report = guest.start()
+        except BaseException:
+            guest.stop()
+            raise
+        if report.phys_base is not None and report.phys_base < 0:
+            # sleep=off runs an idle guest's clock as fast as the host can: stop the CPU
+            # (dump-guest-memory works on a stopped guest)
+            qmp_command(guest.qmp_path, "stop")
+            if cached is None:
+                with _locked(cache_dir() / ".seeds.lock"):
+                    known = json.loads(seeds_file.read_text()) if seeds_file.exists() else {}
+                    known[key] = seed
+                    seeds_file.write_text(json.dumps(known, indent=1) + "\n")
+            return guest
+        guest.stop()
+        tried.append(f"seed {seed}: {report.phys_base}")
+        if cached is not None:
+            raise RigError(f"replay seed {seed} (cached in {seeds_file}) gave phys_base "
+                           f"{report.phys_base} this time: the boot did not repeat itself")
+    raise RigError("no seed gave a negative phys_base: " + ", ".join(tried))
 
 
 # --- libvirt -----------------------------------------------------------------------------------

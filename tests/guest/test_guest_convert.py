@@ -1,4 +1,5 @@
-"""DumpFileCollector on QEMU's own dumps of the guest (ELF and flattened kdump-zlib)."""
+"""DumpFileCollector on QEMU's own dumps of the guest (ELF and flattened kdump-zlib), also of a
+guest whose phys_base is negative on every boot."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from pathlib import Path
 
 import pytest
 from kdumpling import write_dump
+from kdumpling.arch import qemu_header_phys_base
 from kdumpling.collectors.convert import DumpFileCollector
 from kdumpling.notes import parse_vmcoreinfo
+from kdumpling.reader import open_dump
+
+from tests.agenttools import json_out, run_agent
 
 from . import rig
 from .checks import OUTPUT_IDS, OUTPUTS, Expect, assert_readers_agree
@@ -65,3 +70,43 @@ def test_convert_fixes_what_makedumpfile_cannot_read(qemu_dumps: dict[str, Path]
                           capture_output=True, text=True, timeout=300)
     assert ours.returncode == 0, ours.stdout
     assert qemu_expect.marker in dmesg.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def negative_dumps(negative_phys_base_guest: rig.QemuGuest,
+                   guest_dir: Path) -> Iterator[dict[str, Path]]:
+    where = guest_dir / "negative-dumps"
+    where.mkdir(exist_ok=True)
+    guest = negative_phys_base_guest
+    dumps = {"elf": _qemu_dump(guest, where / "qemu.elf", "elf"),
+             "kdump-zlib": _qemu_dump(guest, where / "qemu.kdump", "kdump-zlib")}
+    yield dumps
+    for p in dumps.values():
+        p.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("out_fmt", ["elf", "kdump"])
+@pytest.mark.parametrize("source", ["elf", "kdump-zlib"])
+def test_convert_negative_phys_base(negative_phys_base_guest: rig.QemuGuest,
+                                    negative_dumps: dict[str, Path], out_dir: Path,
+                                    source: str, out_fmt: str) -> None:
+    """`convert` of QEMU's own dump of a guest loaded below its link address exits 0 without a
+    warning (it exited 1: "header phys_base -0xa400000 replaced by VMCOREINFO's -0xa400000"),
+    and every reader opens the result, translating kernel addresses through phys_base."""
+    report = negative_phys_base_guest.report
+    assert report is not None and report.phys_base is not None and report.phys_base < 0
+    src = negative_dumps[source]
+    with open_dump(src) as qemu:
+        text = parse_vmcoreinfo(qemu.vmcoreinfo)["NUMBER(phys_base)"]
+        assert int(text) == report.phys_base
+        if source == "kdump-zlib":
+            # QEMU's header holds the decimal number read as hex: an expected correction
+            assert qemu.header["phys_base"] == qemu_header_phys_base(text)
+    out = out_dir / f"dump.{out_fmt}"
+    proc = run_agent(["convert", str(src), str(out), "--format", out_fmt, "--json"], out_dir)
+    assert proc.returncode == 0, proc.stderr
+    rec = json_out(proc)
+    assert rec["warnings"] == [] and "missing" not in rec
+    assert bool(rec["meta"].get("fixes")) == (source == "kdump-zlib")
+    expect = Expect(negative_phys_base_guest.spec, report)
+    assert_readers_agree(out, expect, out_fmt, "zlib" if out_fmt == "kdump" else "none", out_dir)
