@@ -67,14 +67,21 @@ def test_install_never_overwrites_the_config(tmp_path: Path) -> None:
     root = tmp_path / "root"
     config = root / "etc/kdumpling/agent.toml"
     config.parent.mkdir(parents=True)
-    config.write_text('[output]\ndirectory = "/srv/dumps"\n')
+    mine = ('[output]\ndirectory = "/srv/dumps"\n'
+            '[metrics]\ntextfile = "/srv/metrics/kdumpling.prom"\n')
+    config.write_text(mine)
     proc = run_agent(["service", "install", "--root", str(root)], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert config.read_text() == '[output]\ndirectory = "/srv/dumps"\n'
+    assert config.read_text() == mine
     assert f"kept {config}" in proc.stdout
-    # ProtectSystem=strict: a snapshot directory outside StateDirectory= becomes writable
-    text = (root / "etc/systemd/system/kdumpling-agent.service").read_text()
-    assert "ReadWritePaths=-/srv/dumps" in text.splitlines()
+    # ProtectSystem=strict: a snapshot directory outside StateDirectory= and the metrics
+    # directory become writable, in both services
+    for name in ("kdumpling-agent.service", "kdumpling-agent-once.service"):
+        lines = (root / "etc/systemd/system" / name).read_text().splitlines()
+        assert "ReadWritePaths=-/srv/dumps" in lines
+        assert "ReadWritePaths=-/srv/metrics" in lines
+    res = _verify(root / "etc/systemd/system", list(UNITS))
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
 
 
 def test_enable_offline_then_uninstall_keeps_the_config(tmp_path: Path) -> None:
