@@ -34,6 +34,7 @@ from kdumpling.notes import (
     annotations_text,
     parse_annotations,
 )
+from kdumpling.sinks import Sink
 
 from .log import get_logger
 from .record import CaptureResult, SnapshotRecord, UnreadableRange, iso_time
@@ -191,14 +192,15 @@ class _Output:
         if self.store is not None and self.target.kind is not None:
             self._reserve(self.target.kind)
 
-    def open(self, kind: DumpKind) -> str | BinaryIO:
+    def open(self, kind: DumpKind) -> str | BinaryIO | Sink:
         """What write_dump writes to, for a dump of ``kind``."""
         if self.store is not None:
             if self.res is None or self.target.kind is not kind:
                 self.abandon()
                 self._reserve(kind)
             assert self.res is not None
-            return self.res.path
+            # an object store streams the dump into its upload; a directory takes a file
+            return self.res.sink if self.res.sink is not None else self.res.path
         if self.dest.path is not None:
             if os.path.lexists(self.dest.path) and not self.dest.force:
                 raise UsageError(f"{self.dest.path} exists; use --force to replace it")
@@ -209,6 +211,8 @@ class _Output:
         return cast(BinaryIO, self.hasher)
 
     def sha256(self, wr: WriteResult) -> str:
+        if self.res is not None and self.res.sha256 is not None:
+            return self.res.sha256()  # the stored object's bytes, read back
         return self.hasher.sha.hexdigest() if self.hasher is not None else \
             sha256_file(wr.path or "")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
@@ -78,5 +77,5 @@ def run(ctx: Context) -> int:
     for row in table:
         ctx.say("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     if not ctx.quiet:
-        ctx.say(f"{len(rows)} snapshot(s) in {os.path.abspath(ctx.store_dir())}")
+        ctx.say(f"{len(rows)} snapshot(s) in {ctx.store_dir()}")
     return 0

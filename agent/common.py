@@ -29,9 +29,11 @@ from .options import (
 )
 from .progress import ProgressBar
 from .record import CaptureResult, SnapshotRecord
+from .s3_client import S3Url, is_s3_url
 from .settings import CaptureSettings, Destination
 from .store import SIDECAR_SUFFIX, Record, SnapshotStore, default_store_dir, open_store
 from .store_dir import record_from_json
+from .store_s3 import SingleObjectStore, locate_object
 from .targets import FeatureUnavailableError, Target
 from .units import format_duration, format_size
 
@@ -71,14 +73,20 @@ class Context:
 
     def store_dir(self) -> str:
         explicit = getattr(self.args, "directory", None)
-        return os.path.abspath(explicit or default_store_dir(self.config.output.directory))
+        where = explicit or default_store_dir(self.config.output.directory)
+        return where if is_s3_url(where) else os.path.abspath(where)
 
     def open_store(self, create: bool = False) -> SnapshotStore | None:
         """The snapshot store; None when it does not exist and ``create`` is false."""
         path = self.store_dir()
-        if not create and not os.path.lexists(path):
+        if not create and not is_s3_url(path) and not os.path.lexists(path):
             return None
-        return open_store(path, create=create)
+        return open_store(path, create=create, spool=self.spool)
+
+    @property
+    def spool(self) -> bool:
+        """--spool or [output] spool: an object store gets the dump once it is local."""
+        return bool(getattr(self.args, "spool", False) or self.config.output.spool)
 
     def keep_for(self) -> Callable[[str], int]:
         return self.config.keep_for
@@ -149,6 +157,10 @@ def add_write_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--annotate", action="append", default=[], metavar="KEY=VALUE",
                    type=_annotation, help="store KEY=VALUE in the dump (repeatable)")
     g.add_argument("-f", "--force", action="store_true", help="replace an existing output file")
+    if "--spool" not in p._option_string_actions:  # guests have theirs, with the same promise
+        g.add_argument("--spool", action="store_true",
+                       help="s3:// output: write the dump locally first (the target is released "
+                            "as soon as it is), then upload it and remove the local copy")
 
 
 def _dump_level(text: str) -> int:
@@ -196,6 +208,10 @@ def destination(ctx: Context, output: str | None) -> Destination:
         if sys.stdout.isatty():
             raise UsageError("refusing to write a dump to a terminal; redirect stdout")
         return Destination(stream=sys.stdout.buffer)
+    if output is not None and is_s3_url(output):
+        if not S3Url.parse(output).is_prefix:  # s3://BUCKET/KEY: one object, as -o FILE
+            return Destination(store=SingleObjectStore(output, force=force, spool=ctx.spool))
+        return Destination(store=open_store(output, create=True, spool=ctx.spool))
     if output and not (os.path.isdir(output) or output.endswith("/")):
         return Destination(path=os.path.abspath(output), force=force)
     directory = os.path.abspath(output) if output else ctx.store_dir()
@@ -289,6 +305,9 @@ def _looks_like_path(text: str) -> bool:
 
 def locate(ctx: Context, what: str) -> Located:
     """A snapshot ID (or unique prefix) in the store, or a path to any dump file."""
+    if is_s3_url(what):
+        record, bucket = locate_object(what)
+        return Located(bucket.path_of(record.file) if record else what, record, bucket)
     if _looks_like_path(what):
         path = os.path.abspath(what)
         if not os.path.exists(path):

@@ -59,6 +59,7 @@ __all__ = ["DEFAULT_CONFIG", "DEFAULT_STORE", "AgentConfig", "OutputConfig", "Re
 class OutputConfig:
     directory: str | None = None  # None: /var/lib/kdumpling for root, else XDG state dir
     options: WriteOptions = field(default_factory=WriteOptions)
+    spool: bool = False  # s3:// directory: dump locally first, then upload (issue 15)
 
 
 _MAX_USE = SizeLimit(percent=10.0)  # coredump.conf's defaults
@@ -153,9 +154,12 @@ def _output(table: Any, where: str) -> OutputConfig:
         raise ConfigError(f"{where}: output: expected a table")
     c = Checker(table, "output.", where)
     directory = c.string("directory")
-    if directory is not None and not os.path.isabs(directory):
-        raise c.fail("directory", f"must be an absolute path, got {directory!r}")
-    out = OutputConfig(directory=directory, options=_write_options(c, threads=True))
+    if directory is not None and not (os.path.isabs(directory)
+                                      or directory.startswith("s3://")):
+        raise c.fail("directory", f"must be an absolute path or s3://BUCKET/PREFIX, got "
+                                  f"{directory!r}")
+    out = OutputConfig(directory=directory, options=_write_options(c, threads=True),
+                       spool=bool(c.boolean("spool", False)))
     c.finish()
     return out
 

@@ -247,7 +247,8 @@ class Service:
                                                cancel=self.cancel)
         code = 0
         try:
-            with open_store(self._store_dir, create=True) as store:
+            with open_store(self._store_dir, create=True,
+                            spool=self.config.output.spool) as store:
                 result = capture(t.target, Destination(store=store), settings)
         except KdumplingError as err:
             code = err.exit_code

@@ -25,6 +25,8 @@ from kdumpling.errors import KdumplingError
 from .record import SnapshotRecord
 
 if TYPE_CHECKING:  # config imports the target registry, which imports the record module
+    from kdumpling.sinks import Sink
+
     from .config import RetentionConfig
 
 SIDECAR_SUFFIX = ".json"
@@ -84,6 +86,10 @@ class Reservation:
     path: str  # where write_dump writes the dump
     sidecar: str
     record: SnapshotRecord
+    # A store that takes the dump as a stream (an object store's multipart upload) gives the
+    # writer's sink here and how to hash what it stored; a directory leaves them None (a file).
+    sink: Sink | None = None
+    sha256: Callable[[], str] | None = None
 
 
 class SnapshotStore(ABC):
@@ -201,7 +207,9 @@ class SnapshotStore(ABC):
 
         cap = self.capacity()
         fs_size = cap[0] if cap is not None else 0
-        max_use = retention.max_use.resolve(fs_size) if retention.max_use else None
+        # a percentage needs a file system to be a percentage of (an object store has none)
+        max_use = (retention.max_use.resolve(fs_size) if retention.max_use
+                   and (cap is not None or retention.max_use.bytes is not None) else None)
         keep_free = (retention.keep_free.resolve(fs_size)
                      if retention.keep_free and cap is not None else None)
         if max_use is None and keep_free is None:
@@ -239,8 +247,13 @@ class SnapshotStore(ABC):
         return None
 
 
-def open_store(location: str, create: bool = False) -> SnapshotStore:
-    """The store at ``location`` (a directory path; object storage URLs come with issue 15)."""
+def open_store(location: str, create: bool = False, spool: bool = False) -> SnapshotStore:
+    """The store at ``location``: a directory path, or ``s3://BUCKET/PREFIX/`` (agent/store_s3.py;
+    ``spool``: write the dump locally first, then upload it)."""
+    if location.startswith("s3://"):
+        from .store_s3 import S3Store
+
+        return S3Store(location, create=create, spool=spool)
     from .store_dir import DirectoryStore  # the back end imports this module's interface
 
     return DirectoryStore(location, create=create)

@@ -65,7 +65,7 @@ ProgressCallback = Callable[[int, int], None]
 
 def write_dump(
     image: CoreImage,
-    output: str | os.PathLike[str] | BinaryIO,
+    output: str | os.PathLike[str] | BinaryIO | Sink,
     *,
     format: OutputFormat | str = OutputFormat.ELF,
     compression: CompressionType | str | int = CompressionType.ZLIB,
@@ -124,11 +124,13 @@ def write_dump(
                              step, fsync, mode)
     else:
         path = None
-        sink = _stream_sink(output, fmt)
+        # A Sink given by the caller (e.g. sink_parts.PartsSink for object storage) is used as
+        # it is: positioned writes, finished here, closed on errors.
+        sink = output if isinstance(output, Sink) else _stream_sink(output, fmt)
         try:
             result = _run(image, sink, fmt, ctype, compression_level, dump_level, threads, step)
             sink.finish()
-            if isinstance(sink, FileSink):
+            if isinstance(sink, FileSink) and not isinstance(output, Sink):
                 output.seek(0, os.SEEK_END)
         finally:
             sink.close()
