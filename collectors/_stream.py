@@ -6,6 +6,11 @@ QEMU writes its ELF dump front to back with plain write() calls and never seeks,
 read, so the stream is either converted on the fly (pause = conversion time, no copy on disk) or
 first spooled (pause = reading the stream; zero pages stay holes) and converted afterwards.
 QEMU's own kdump-zlib arrives as a flattened stream and is always spooled (rebuilt) first.
+
+A stream that ends before the end its ELF program headers promise (QEMU died, the dump failed)
+keeps every byte that arrived: the rest reads as zeros for the writer, is named in
+``image.missing`` (the output is marked incomplete) and in a warning, and the spool leaves it
+out altogether.
 """
 
 from __future__ import annotations
@@ -18,13 +23,23 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, BinaryIO, cast
 
-from kdumpling.errors import CaptureInterrupted, DumpWriteError, FormatError, UsageError
+from kdumpling.errors import (
+    CaptureInterrupted,
+    DumpWriteError,
+    FormatError,
+    KdumplingError,
+    UsageError,
+)
 from kdumpling.image import CoreImage
 
 from .base import GUEST_DUMP_FORMATS, Snapshot
+from .convert import cut_out, missing_warning
+
+HEAD_KEEP = 1 << 20  # the stream's first bytes, kept to map a short stream back to addresses
 
 
 class DumpStream(io.RawIOBase):
@@ -41,6 +56,13 @@ class DumpStream(io.RawIOBase):
         self.bytes_read = 0
         self.eof = False
         self._abort = threading.Event()
+        self.head = bytearray()
+        # Where the ELF headers say the memory data ends; a stream ending before it is padded
+        # with zeros up to there (``padded``) and ``on_short`` hears where it ended.
+        self.expect_end: int | None = None
+        self.short_at: int | None = None
+        self.padded = 0
+        self.on_short: Callable[[int], None] | None = None
 
     @property
     def name(self) -> str:
@@ -55,11 +77,36 @@ class DumpStream(io.RawIOBase):
         if self.fd < 0:
             raise ValueError("read from a closed dump stream")
 
+    def _keep(self, data: Any) -> None:
+        if len(self.head) < HEAD_KEEP:
+            self.head += bytes(data[: HEAD_KEEP - len(self.head)])
+
+    def _pad(self, want: int) -> int:
+        """At EOF: how many zero bytes stand in for memory data QEMU never wrote."""
+        if self.expect_end is None:
+            return 0
+        n = min(want, self.expect_end - self.bytes_read - self.padded)
+        if n <= 0:
+            return 0
+        if self.short_at is None:
+            self.short_at = self.bytes_read
+            if self.on_short is not None:
+                self.on_short(self.short_at)
+        self.padded += n
+        return n
+
     def readinto(self, buffer: Any) -> int:
         self._check()
         n = os.readv(self.fd, [buffer])
         if n == 0:
+            view = memoryview(buffer).cast("B")
+            pad = self._pad(len(view))
+            if pad:
+                view[:pad] = bytes(pad)
+                return pad
             self.eof = True
+        else:
+            self._keep(memoryview(buffer).cast("B")[:n])
         self.bytes_read += n
         return n
 
@@ -70,7 +117,12 @@ class DumpStream(io.RawIOBase):
         self._check()
         data = os.read(self.fd, size)
         if not data:
+            pad = self._pad(size)
+            if pad:
+                return bytes(pad)
             self.eof = True
+        else:
+            self._keep(data)
         self.bytes_read += len(data)
         return data
 
@@ -99,6 +151,48 @@ class DumpStream(io.RawIOBase):
         super().close()
 
 
+def _elf_loads(head: bytes, name: str) -> list[tuple[int, int, int]]:
+    """(p_offset, p_filesz, p_paddr) of every PT_LOAD with data, from the stream's head."""
+    from kdumpling import layout
+    from kdumpling.read_elf import parse_ehdr
+
+    ehdr = parse_ehdr(head[: layout.EHDR_SIZE], name)
+    phnum = ehdr.phnum
+    if phnum == layout.PN_XNUM and ehdr.shoff + layout.SHDR_SIZE <= len(head):
+        phnum = layout.SHDR[ehdr.endian].unpack_from(head, ehdr.shoff)[7]  # sh_info
+    loads = []
+    for i in range(phnum):
+        at = ehdr.phoff + i * layout.PHDR_SIZE
+        if at + layout.PHDR_SIZE > len(head):
+            break
+        p_type, _, off, _, paddr, filesz, _, _ = layout.PHDR[ehdr.endian].unpack_from(head, at)
+        if p_type == layout.PT_LOAD and filesz:
+            loads.append((off, filesz, paddr))
+    return loads
+
+
+def watch_short_stream(stream: DumpStream, image: CoreImage) -> None:
+    """Arm ``stream`` so that ending before its last PT_LOAD's data pads with zeros and puts
+    the physical ranges it never delivered into ``image.missing`` (writers read that list
+    when they finish)."""
+    loads = _elf_loads(bytes(stream.head), stream.name)
+    if not loads:
+        return
+    stream.expect_end = max(off + size for off, size, _ in loads)
+
+    def short(at: int) -> None:
+        lost = sorted((paddr + max(off, at) - off, paddr + size)
+                      for off, size, paddr in loads if off + size > at)
+        image.missing.extend(lost)
+
+    stream.on_short = short
+
+
+def short_stream_warning(stream: DumpStream, missing: list[tuple[int, int]]) -> str:
+    return (f"the dump stream ended after {stream.short_at} of {stream.expect_end} bytes: "
+            + missing_warning(missing, "guest memory"))
+
+
 def spool_file(directory: str, need: int | None) -> int:
     """An anonymous 0600 file in ``directory``: O_TMPFILE, else created and unlinked at once.
 
@@ -121,17 +215,20 @@ def spool_file(directory: str, need: int | None) -> int:
     return fd
 
 
-def spool_sparse(stream: DumpStream, spool_fd: int) -> tuple[int, list[str]]:
+def spool_sparse(stream: DumpStream, spool_fd: int) -> tuple[int, list[str],
+                                                             list[tuple[int, int]]]:
     """Copy the ELF vmcore arriving on ``stream`` into the spool file, zero pages left as holes.
 
     The copy is our own ELF of the same image (notes, PT_LOADs, addresses), written with dump
     level 1, so a mostly free guest costs a fraction of its size in the spool and the guest's
     pause is the time to read the stream and find its zero pages, without compressing.
-    Returns the bytes read from the stream and the stream reader's warnings.
+    Returns the bytes read from the stream, the stream reader's warnings and the physical
+    ranges the stream ended before (holes in the spool, not memory).
     """
     from kdumpling.dump import write_dump
 
     image, warnings = image_from_stream(stream)
+    watch_short_stream(stream, image)
     with os.fdopen(os.dup(spool_fd), "r+b", buffering=0) as spool:
         try:
             write_dump(image, spool, format="elf", dump_level=1)
@@ -140,7 +237,7 @@ def spool_sparse(stream: DumpStream, spool_fd: int) -> tuple[int, list[str]]:
     # QEMU >= 7.2 ends its ELF with the section-name string table (dump/dump.c
     # prepare_elf_section_hdrs): a few bytes nobody needs, but QEMU must get to write them.
     stream.drain()
-    return stream.bytes_read, warnings
+    return stream.bytes_read, warnings, list(image.missing)
 
 
 def image_from_stream(stream: DumpStream) -> tuple[CoreImage, list[str]]:
@@ -174,9 +271,11 @@ def image_from_spool(spool_fd: int, name: str) -> tuple[CoreImage, list[str], li
     return image, warnings, fixes, dump
 
 
-def spool_flattened(stream: DumpStream, spool_fd: int) -> tuple[int, list[str]]:
+def spool_flattened(stream: DumpStream, spool_fd: int) -> tuple[int, list[str],
+                                                                list[tuple[int, int]]]:
     """Rebuild QEMU's flattened kdump stream (its kdump-* formats) in the spool file; returns
-    the bytes read and warnings (none: the rebuilt file is read and checked afterwards)."""
+    the bytes read, warnings and missing ranges (none: the rebuilt file is read and checked
+    afterwards, the reader names what it lacks)."""
     from kdumpling.reader import reassemble_flattened_into
 
     try:
@@ -184,7 +283,7 @@ def spool_flattened(stream: DumpStream, spool_fd: int) -> tuple[int, list[str]]:
     except FormatError as err:
         raise FormatError(f"{stream.name}: {err}", err.offset) from err
     stream.drain()
-    return stream.bytes_read, []
+    return stream.bytes_read, [], []
 
 
 class StreamedDumpCollector:
@@ -244,23 +343,51 @@ class StreamedDumpCollector:
         assert self._stream is not None
         if self.spool is None:
             image, warnings = image_from_stream(self._stream)
+            watch_short_stream(self._stream, image)
             snap = Snapshot(image, target, meta=meta, warnings=warnings)
         else:
             t0 = time.monotonic()
             spool = spool_sparse if self.dump_format == "elf" else spool_flattened
-            meta["stream_bytes"], warnings = spool(self._stream, self._spool_fd)
+            meta["stream_bytes"], warnings, lost = spool(self._stream, self._spool_fd)
             meta["spool_copy_seconds"] = time.monotonic() - t0
             meta["spool_bytes"] = os.fstat(self._spool_fd).st_blocks * 512
             self._stream.close()
-            pause = self._dump_finished()
+            pause = None
+            try:
+                pause = self._dump_finished()
+            except KdumplingError as err:
+                if not lost:
+                    raise
+                warnings.append(f"{err}; kept what arrived")
             image, spool_warnings, fixes, self._spool_dump = image_from_spool(self._spool_fd,
                                                                               target)
+            if lost:  # holes in the spool: left out, named
+                cut_out(image, lost)
+                image.missing[:] = sorted({*image.missing, *lost})
+                warnings.append(short_stream_warning(self._stream, lost))
+                spool_warnings = [w for w in spool_warnings if "INCOMPLETE" not in w]
             if fixes:
                 meta["fixes"] = fixes  # QEMU's known header mistakes: expected, not warnings
             snap = Snapshot(image, target, pause_seconds=pause, meta=meta,
                             warnings=warnings + spool_warnings)
         self._snapshot = snap
         return snap
+
+    def _dump_failure_kept(self, err: KdumplingError) -> bool:
+        """QEMU failed the dump after its stream ended short: what arrived was written and the
+        rest is named missing, so the failure becomes a warning (True) instead of an error."""
+        stream, snap = self._stream, self._snapshot
+        if stream is None or stream.short_at is None or snap is None:
+            return False
+        snap.warnings.append(f"{err}; kept what arrived")
+        return True
+
+    def _note_short_stream(self) -> None:
+        """Stream mode: name what the stream did not deliver (the writer has finished)."""
+        stream, snap = self._stream, self._snapshot
+        if stream is not None and stream.short_at is not None and snap is not None \
+                and self.spool is None:
+            snap.warnings.append(short_stream_warning(stream, snap.image.missing))
 
     def _end_stream(self, *, drain: bool) -> None:
         """Read what is left (a whole dump) or close early (the writer then gets EPIPE)."""

@@ -31,6 +31,7 @@ from kdumpling.arch import (
     vmcoreinfo_phys_base,
 )
 from kdumpling.image import CoreImage, DumpKind
+from kdumpling.segments import CallableSource, MemorySegment, SegmentSource
 
 from .base import Snapshot
 
@@ -65,6 +66,30 @@ def _phys_base_fix(image: CoreImage, header_base: object) -> tuple[str | None, b
     why = " (QEMU reads the kernel's decimal value as hex)" if qemu else ""
     return (f"header phys_base {phys_base_u64(header_base):#x} replaced by VMCOREINFO's "
             f"{phys_base:#x}{why}"), qemu
+
+
+def cut_out(image: CoreImage, ranges: list[tuple[int, int]]) -> None:
+    """Split the image's segments so that no data of theirs lies in ``ranges`` (physical for
+    kernel dumps): bytes a file only pretends to hold (a spool's holes) stay out."""
+    kernel = image.kind is DumpKind.KERNEL
+    out: list[MemorySegment] = []
+    for seg in image.segments:
+        start = seg.phys_addr if kernel else seg.effective_virt_addr
+        pieces = [(start, start + seg.size)]
+        for a, b in ranges:
+            pieces = [p for lo, hi in pieces for p in ((lo, min(hi, a)), (max(lo, b), hi))
+                      if p[0] < p[1]]
+        if pieces == [(start, start + seg.size)]:
+            out.append(seg)
+            continue
+        for lo, hi in pieces:
+            def read(off: int, n: int, src: SegmentSource = seg.source, base: int = lo - start
+                     ) -> bytes | bytearray:
+                return src.read(base + off, n)
+            virt = seg.virt_addr + lo - start if seg.virt_addr is not None else None
+            out.append(MemorySegment(phys_addr=seg.phys_addr + lo - start, virt_addr=virt,
+                                     data=CallableSource(hi - lo, read), flags=seg.flags))
+    image.segments = out
 
 
 def _trim_missing_tails(image: CoreImage) -> None:

@@ -259,7 +259,11 @@ class LibvirtCollector(StreamedDumpCollector):
                 err = self._call_error
                 self._call_error = None
                 if err is not None and not failed:
-                    raise translate_error(err, f"dump of domain {self.domain_name!r}") from err
+                    error = translate_error(err, f"dump of domain {self.domain_name!r}")
+                    if not self._dump_failure_kept(error):
+                        raise error from err
+            if not failed:
+                self._note_short_stream()
             if snap is not None and snap.pause_seconds is None:
                 snap.pause_seconds = self._pause()
         finally:

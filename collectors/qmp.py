@@ -195,9 +195,11 @@ class QmpCollector(StreamedDumpCollector):
             self._end_stream(drain=not failed)
             try:
                 self._finish_dump()
-            except KdumplingError:
-                if not failed:
+            except KdumplingError as err:
+                if not failed and not self._dump_failure_kept(err):
                     raise
+            if not failed:
+                self._note_short_stream()
             if snap is not None and snap.pause_seconds is None:
                 snap.pause_seconds = self._pause()
                 if self._started:

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -37,11 +38,13 @@ RESUME_TS = (1700000001, 500000)  # the guest was paused 1.25 s, by QEMU's clock
 
 class FakeQemu(threading.Thread):
     def __init__(self, path: Path, payload: bytes, *, refuse: str | None = None,
-                 chunk: int = 4096, greet: bool = True, delay: float = 0.0) -> None:
+                 chunk: int = 4096, greet: bool = True, delay: float = 0.0,
+                 cut_at: int | None = None) -> None:
         super().__init__(daemon=True)
         self.path, self.payload, self.refuse, self.chunk, self.greet = (
             path, payload, refuse, chunk, greet)
         self.delay = delay  # seconds between two writes: a slow guest
+        self.cut_at = cut_at  # QEMU fails after writing this many bytes (EIO, as on a bad disk)
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(str(path))
         self.srv.listen(4)
@@ -121,11 +124,13 @@ class FakeQemu(threading.Thread):
 
     def write_dump(self, conn: socket.socket, fd: int) -> None:
         try:
-            view = memoryview(self.payload)
+            view = memoryview(self.payload)[: self.cut_at]
             while self.written < len(view):
                 self.written += os.write(fd, view[self.written : self.written + self.chunk])
                 if self.delay:
                     time.sleep(self.delay)
+            if self.cut_at is not None:
+                self.write_error = os.strerror(5)
         except OSError as err:
             self.write_error = os.strerror(err.errno or 0)
         finally:
@@ -279,3 +284,64 @@ def test_busy_monitor(fake: FakeQemu) -> None:
     with pytest.raises(TargetGoneError, match="another one connected"), \
             QmpCollector(fake.path, timeout=1.0):
         pass
+
+
+CUT = 50 * td.PAGE + 123  # bytes of the last RAM block QEMU never writes
+
+
+@pytest.fixture
+def cut_fake(tmp_path: Path, qemu_elf: bytes) -> Iterator[FakeQemu]:
+    server = FakeQemu(tmp_path / "qmp.sock", qemu_elf, cut_at=len(qemu_elf) - CUT)
+    server.start()
+    yield server
+    server.close()
+
+
+def _lost(machine: td.Machine) -> list[tuple[int, int]]:
+    last = machine.regions[-1]  # QEMU's layout packs the RAM blocks in order, the last last
+    return [(last.end - CUT, last.end)]
+
+
+def _pages_before_cut(path: Path, machine: td.Machine, read_ok_past_cut: bool) -> None:
+    kdumpfile = kdumpfile_module()
+    ctx = lkf_open(str(path))
+    cut = _lost(machine)[0][0]
+    for pfn in machine.pfns():
+        if (pfn + 1) * td.PAGE <= cut:
+            assert bytes(ctx.read(kdumpfile.KDUMP_MACHPHYSADDR, pfn * td.PAGE, td.PAGE)) == \
+                machine.page(pfn), f"pfn {pfn:#x}"
+        elif pfn * td.PAGE >= cut and not read_ok_past_cut:
+            with pytest.raises(kdumpfile.exceptions.KDumpBaseException):
+                ctx.read(kdumpfile.KDUMP_MACHPHYSADDR, pfn * td.PAGE, td.PAGE)
+    with open(path, "rb") as f:
+        assert struct.unpack_from("<I", f.read(0x1AC), 0x1A8)[0] & 0x8  # INCOMPLETE status
+
+
+@pytest.mark.readers
+def test_stream_cut_short_keeps_what_arrived(cut_fake: FakeQemu, machine: td.Machine,
+                                             tmp_path: Path) -> None:
+    """QEMU fails after most of its dump (it raised DumpFailedError and kept nothing): the
+    writer got every byte that arrived, the rest is named missing and the file says
+    incomplete. In stream mode the missing tail was already written as zeros."""
+    out = tmp_path / "out.kdump"
+    with QmpCollector(cut_fake.path) as snap:
+        result = write_dump(snap.image, out, format="kdump", compression="zlib")
+    assert cut_fake.write_error is not None
+    assert result.missing == _lost(machine)
+    assert any("ended after" in w and f"{_lost(machine)[0][0]:#x}" in w for w in snap.warnings)
+    assert any("failed" in w and "kept what arrived" in w for w in snap.warnings)
+    _pages_before_cut(out, machine, read_ok_past_cut=True)
+
+
+@pytest.mark.readers
+def test_spool_cut_short_leaves_the_rest_out(cut_fake: FakeQemu, machine: td.Machine,
+                                             tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    out = tmp_path / "out.kdump"
+    with QmpCollector(cut_fake.path, spool=str(spool)) as snap:
+        assert snap.image.missing == _lost(machine)
+        result = write_dump(snap.image, out, format="kdump", compression="zlib")
+    assert result.missing == _lost(machine)
+    assert any("ended after" in w for w in snap.warnings)
+    _pages_before_cut(out, machine, read_ok_past_cut=False)
