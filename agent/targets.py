@@ -371,7 +371,10 @@ class ConvertTarget(Target):
     kind = None  # a converted file can hold a process or a kernel
     help = "rewrite a dump in another format or codec"
     description = ("Read any dump our reader opens (ELF, kdump, flattened kdump) and write it "
-                   "again: OUT is a file, a directory, or - for the flattened stream on stdout.")
+                   "again: OUT is a file, a directory, or - for the flattened stream on stdout. "
+                   "Memory the input promises but does not hold (cut short, descriptors past "
+                   "its end) is named in the warning and in --json 'missing', the output is "
+                   "marked incomplete and the exit code is 65, as verify gives for it.")
     in_config = False
 
     path: str
