@@ -9,6 +9,8 @@ One module per responsibility (the capture sequence is described in ``collector`
 - ``tracer``: the ptrace(2) layer, stopping and releasing every thread, signal deferral.
 - ``corenotes``: register sets per thread and the process-wide notes, in the kernel's order.
 - ``collector``: ``ProcessCollector`` and ``capture_process``, which tie these together.
+- ``signal_watch``: ``SignalWatch``, which holds a process at a watched signal's delivery stop
+  so ``ProcessCollector(pid, caught=...)`` captures it there, then delivers the signal.
 
 Architecture facts (register sets, NT_ARM_* and other regset note types) are in
 ``kdumpling.arch``. Every name below stays importable from ``kdumpling.collectors.process``.

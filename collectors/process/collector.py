@@ -53,6 +53,8 @@ from .tracer import RegsetReader, SignalGuard, Tracer
 if TYPE_CHECKING:
     from kdumpling.dump import WriteResult
 
+    from .signal_watch import CaughtSignal
+
 Mode = Literal["consistent", "low-pause"]
 MODES: tuple[str, ...] = ("consistent", "low-pause")
 
@@ -104,7 +106,7 @@ class ProcessCollector:
                  filter_mask: int | None = None, size_cap: int | None = None,
                  procfs: str | os.PathLike[str] = "/proc",
                  stop_timeout: float = DEFAULT_STOP_TIMEOUT,
-                 copy_limit: int = EAGER_LIMIT) -> None:
+                 copy_limit: int = EAGER_LIMIT, caught: CaughtSignal | None = None) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown capture mode {mode!r}; use one of: {', '.join(MODES)}")
         if filter_mask is not None and not 0 <= filter_mask <= FILTER_BITS:
@@ -122,6 +124,9 @@ class ProcessCollector:
         self.procfs = ProcFS(procfs)
         self.stop_timeout = stop_timeout
         self.copy_limit = copy_limit
+        # A signal watch's catch: its tracer holds the target (one thread at the signal's
+        # delivery stop); the core records that signal and releasing delivers it.
+        self.caught = caught
         self.pause_seconds: float | None = None
         self.snapshot: Snapshot | None = None
         self._tracer: Tracer | None = None
@@ -251,7 +256,9 @@ class ProcessCollector:
         reader = self._reader = MemoryReader(pid, procfs, mem_fd, pagemap_fd, page, unreadable,
                                              " while the process ran" if low_pause else "")
 
-        tracer = self._tracer = Tracer(pid, procfs, self.stop_timeout)
+        caught = self.caught
+        tracer = self._tracer = (caught.tracer if caught is not None
+                                 else Tracer(pid, procfs, self.stop_timeout))
         with self._guard.deferred():
             tracer.stop_all()
         stopped_at = time.monotonic()
@@ -260,7 +267,13 @@ class ProcessCollector:
         # --- stopped ---
         regset_reader = RegsetReader()
         threads: list[ThreadState] = []
-        for tid in tracer.live_tids():
+        tids = tracer.live_tids()
+        if caught is not None and caught.tid in tids:
+            # the thread that took the signal comes first, as in the kernel's own core
+            # (fs/binfmt_elf.c fill_note_info starts with the dumping thread)
+            tids.remove(caught.tid)
+            tids.insert(0, caught.tid)
+        for tid in tids:
             try:
                 threads.append(read_thread_state(tid, self._arch, self._regsets, regset_reader))
             except OSError as err:
@@ -305,7 +318,9 @@ class ProcessCollector:
         files = [(p.entry.start, p.entry.end, p.entry.offset, p.entry.path)
                  for p in plans if p.entry.is_file]
         notes = build_notes(self._arch, threads, pre.stat, pre.status, pre.cmdline, pre.auxv,
-                            files, page, annotations)
+                            files, page, annotations,
+                            cursig=caught.signo if caught is not None else 0,
+                            siginfo=caught.siginfo if caught is not None else None)
         image = CoreImage(arch=self._arch, kind=DumpKind.PROCESS, segments=segments, notes=notes,
                           page_size=page, crash_time=int(time.time()))
         snap = Snapshot(
@@ -388,6 +403,9 @@ class ProcessCollector:
         }
         if tracer.dropped:
             ann["dropped_threads"] = ",".join(map(str, tracer.dropped))
+        if self.caught is not None:
+            ann["signal"] = self.caught.name
+            ann["signal_thread"] = str(self.caught.tid)
         if self.mode == "low-pause":
             ann["consistency"] = ("heap may be inconsistent: registers and thread stacks were "
                                   "read while stopped, the rest while the process ran")

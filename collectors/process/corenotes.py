@@ -18,6 +18,7 @@ from kdumpling.notes import (
     NT_AUXV,
     NT_PRFPREG,
     NT_PRSTATUS,
+    NT_SIGINFO,
     CpuContext,
     CustomNoteType,
     Note,
@@ -81,9 +82,16 @@ def _psargs(cmdline: bytes) -> bytes:
 def build_notes(arch: ArchInfo, threads: Sequence[ThreadState], stat: ProcStat,
                 status: Mapping[str, str], cmdline: bytes, auxv: bytes,
                 files: Sequence[tuple[int, int, int, bytes]], page: int,
-                annotations: Mapping[str, str]) -> list[Note]:
+                annotations: Mapping[str, str], *, cursig: int = 0,
+                siginfo: bytes | None = None) -> list[Note]:
     """Notes in the kernel's order: PRSTATUS of the first thread, the process-wide PRPSINFO,
-    SIGINFO, AUXV, FILE, that thread's other regsets, then each other thread, then ours."""
+    SIGINFO, AUXV, FILE, that thread's other regsets, then each other thread, then ours.
+
+    ``cursig``/``siginfo``: the signal the first thread stopped on (a signal watch), recorded
+    as the kernel does for a fatal signal: pr_cursig and pr_info.si_signo in every thread's
+    PRSTATUS (fs/binfmt_elf.c fill_prstatus gets the dump's signr for each thread) and the
+    raw siginfo_t as NT_SIGINFO (fill_siginfo_note). gdb shows it as "terminated with signal"
+    and ``$_siginfo``."""
     endian = arch.endian
     uid = int((status.get("Uid", "0").split() or ["0"])[0])
     gid = int((status.get("Gid", "0").split() or ["0"])[0])
@@ -99,13 +107,14 @@ def build_notes(arch: ArchInfo, threads: Sequence[ThreadState], stat: ProcStat,
     for i, th in enumerate(threads):
         ctx = CpuContext(
             cpu_id=i, pr_pid=th.tid, pr_ppid=stat.ppid, pr_pgrp=stat.pgrp, pr_sid=stat.session,
-            pr_sighold=th.sighold, raw_regs=th.regs,
+            pr_sighold=th.sighold, raw_regs=th.regs, pr_cursig=cursig, si_signo=cursig,
             pr_fpvalid=1 if any(n.type == NT_PRFPREG for n in th.extra) else 0,
         )
         notes.append(prstatus_note(arch, ctx))
         if i == 0:
             notes.append(psinfo)
-            notes.append(siginfo_note(endian))
+            notes.append(siginfo_note(endian) if siginfo is None
+                         else Note(CORE_NOTE_NAME, NT_SIGINFO, siginfo))
             notes.append(Note(CORE_NOTE_NAME, NT_AUXV, auxv))
             notes.append(file_note(endian, page, _cap_files(files)))
         notes.extend(th.extra)

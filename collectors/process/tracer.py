@@ -36,10 +36,13 @@ from ._libc import IoVec, libc
 PTRACE_CONT = 7
 PTRACE_DETACH = 17
 PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
 PTRACE_GETSIGMASK = 0x420A
+SIGINFO_SIZE = 128  # siginfo_t is 128 bytes on every Linux ABI (include/uapi/asm-generic/siginfo.h)
 
 PTRACE_O_TRACECLONE = 0x08
 PTRACE_O_TRACEEXEC = 0x10
@@ -77,6 +80,24 @@ def interrupt(tid: int) -> None:
 def detach(tid: int, signal: int = 0) -> None:
     """Detach a stopped tracee, delivering ``signal`` (a signal-delivery-stop's signal) or 0."""
     _call(PTRACE_DETACH, tid, None, signal)
+
+
+def cont(tid: int, signal: int = 0) -> None:
+    """Resume a stopped tracee; at a signal-delivery-stop ``signal`` is what gets delivered
+    (the stop's own signal: as if never traced; 0: suppressed)."""
+    _call(PTRACE_CONT, tid, None, signal)
+
+
+def listen(tid: int) -> None:
+    """Leave a seized tracee in its group-stop (job control) while still hearing of SIGCONT."""
+    _call(PTRACE_LISTEN, tid, None, None)
+
+
+def getsiginfo(tid: int) -> bytes:
+    """The siginfo_t of the signal a tracee is stopped on, exactly as the kernel holds it."""
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+    _call(PTRACE_GETSIGINFO, tid, None, ctypes.addressof(buf))
+    return buf.raw
 
 
 def geteventmsg(tid: int) -> int:
@@ -176,6 +197,10 @@ class SignalGuard:
         """Defer from now on (cleanup): a signal then only marks the capture interrupted."""
         self._defer += 1
 
+    def unhold(self) -> None:
+        """End a ``hold``; a signal that came meanwhile stays pending (``error()``)."""
+        self._defer -= 1
+
 
 class Tracer:
     """Stops and releases every thread of one process with seize-based ptrace."""
@@ -188,9 +213,19 @@ class Tracer:
         self.released_at: float | None = None
 
     def stop_all(self) -> None:
+        """Seize and interrupt every thread, and wait until each is in a ptrace stop.
+
+        Threads this tracer holds already (a signal watch seized them and one of them stopped at
+        a signal) are interrupted in place, not seized again."""
         options = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC
         deadline = time.monotonic() + self.timeout
-        me = os.getpid()
+        me = threading.get_native_id()  # ptrace's tracer is a thread, TracerPid names it
+        for th in self.threads.values():
+            if not th.stopped and not th.gone:
+                if self.first_stop is None:
+                    self.first_stop = time.monotonic()
+                with contextlib.suppress(OSError):  # it died: the wait below sees the exit
+                    interrupt(th.tid)
         while True:
             tids = self.procfs.tasks(self.pid)
             new = [t for t in tids if t not in self.threads and t not in self.dropped]
@@ -325,6 +360,14 @@ class Tracer:
                     continue  # released already
                 if wpid and os.WIFSTOPPED(status):
                     sig = os.WSTOPSIG(status) if status >> 16 == 0 else 0
+                    if status >> 16 == PTRACE_EVENT_CLONE:
+                        # auto-attached (TRACECLONE) after it ran: detach it too, or it would
+                        # wait in its first stop for as long as this process lives
+                        with contextlib.suppress(OSError):
+                            child = geteventmsg(th.tid)
+                            if child not in self.threads:
+                                self.threads[child] = _Thread(child)
+                                still.append(self.threads[child])
                     try:
                         detach(th.tid, sig or th.signal)
                         if th.group_stop or (status >> 16 == PTRACE_EVENT_STOP
