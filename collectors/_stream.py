@@ -352,15 +352,24 @@ class StreamedDumpCollector:
             meta["spool_copy_seconds"] = time.monotonic() - t0
             meta["spool_bytes"] = os.fstat(self._spool_fd).st_blocks * 512
             self._stream.close()
-            pause = None
+            pause, failure = None, None
             try:
                 pause = self._dump_finished()
             except KdumplingError as err:
-                if not lost:
-                    raise
-                warnings.append(f"{err}; kept what arrived")
-            image, spool_warnings, fixes, self._spool_dump = image_from_spool(self._spool_fd,
-                                                                              target)
+                failure = err
+            try:
+                image, spool_warnings, fixes, self._spool_dump = image_from_spool(
+                    self._spool_fd, target)
+            except KdumplingError as err:
+                if failure is not None:
+                    raise failure from err  # QEMU's word on why the spool is unreadable
+                raise
+            if failure is not None:
+                # QEMU failed part way: what arrived is kept when the stream shows the gap
+                # (ELF cut short, or a rebuilt kdump lacking pages), else it is an error
+                if not (lost or image.missing):
+                    raise failure
+                warnings.append(f"{failure}; kept what arrived")
             if lost:  # holes in the spool: left out, named
                 cut_out(image, lost)
                 image.missing[:] = sorted({*image.missing, *lost})
