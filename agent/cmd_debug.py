@@ -17,7 +17,9 @@ from typing import Any
 
 from kdumpling.errors import UsageError
 
-from .common import Context, add_common, add_directory, dump_facts, locate
+from .common import Context, Located, add_common, add_directory, dump_facts, locate
+from .s3_client import is_s3_url
+from .s3_commands import downloaded
 from .targets import FeatureUnavailableError
 
 
@@ -61,6 +63,15 @@ def run(ctx: Context) -> int:
     a = ctx.args
     loc = locate(ctx, a.what)
     loc.close()
+    if is_s3_url(loc.path):  # debuggers need a file: a temporary download (issue 15)
+        with downloaded(loc.path) as local:
+            loc.path = local
+            return _debug(ctx, loc)
+    return _debug(ctx, loc)
+
+
+def _debug(ctx: Context, loc: Located) -> int:
+    a = ctx.args
     kind = exe = None
     if loc.record is not None:
         kind, exe = loc.record.snapshot.kind, loc.record.snapshot.exe

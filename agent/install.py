@@ -24,6 +24,7 @@ from typing import Any
 from kdumpling.errors import ConfigError, KdumplingError, PermissionDeniedError
 
 from .config import load_config
+from .s3_units import remove_dropins, sync_dropins
 
 SERVICE = "kdumpling-agent.service"
 ONCE_SERVICE = "kdumpling-agent-once.service"
@@ -131,7 +132,8 @@ def extra_read_write_paths(config_path: str) -> tuple[list[str], list[str]]:
     except ConfigError as err:
         return [], [f"warning: {err} (no ReadWritePaths= taken from it)"]
     wanted: list[str] = []
-    if config.output.directory and not _within(config.output.directory, STATE_DIR):
+    if config.output.directory and not config.output.directory.startswith("s3://") \
+            and not _within(config.output.directory, STATE_DIR):
         wanted.append(config.output.directory)
     textfile = config.metrics.textfile
     if textfile is not None:
@@ -205,6 +207,8 @@ def install(root: str = "/", *, enable: bool = False, now: bool = False,
             _write_atomic(path, render_unit(template(name), command, report.read_write_paths),
                           0o644)
             report.units.append(path)
+        # s3:// output: the drop-in that opens the network (agent/s3_units.py)
+        report.units += sync_dropins(os.path.join(root, UNIT_DIR), UNITS, config)
     except PermissionError as err:
         raise PermissionDeniedError(f"cannot write {err.filename}: permission denied "
                                     "(run as root)") from None
@@ -238,6 +242,7 @@ def uninstall(root: str = "/") -> Report:
         else:
             _systemctl(report, f"--root={root}", "disable", *present)
     try:
+        report.units += remove_dropins(os.path.join(root, UNIT_DIR), UNITS)
         for name in present:
             path = os.path.join(root, UNIT_DIR, name)
             os.unlink(path)

@@ -197,8 +197,8 @@ def sha256_object(client: Any, url: S3Url) -> tuple[str, int]:
 
 class MultipartUpload(PartsSink):
     """A dump streamed into one object: parts go up on the sending thread as they fill, the
-    kdump/ELF head (part 1) last; ``finish`` completes the object, ``close`` before that aborts
-    the upload, so an error, SIGTERM or SIGINT leaves no object and no open upload."""
+    kdump/ELF head (part 1) last; ``finish`` completes the object; ``abort`` (the store's
+    abandon, on any error, SIGTERM or SIGINT) leaves no object and no open upload."""
 
     def __init__(self, client: Any, url: S3Url, *, part_size: int = PART_SIZE,
                  stall_timeout: float = STALL_TIMEOUT) -> None:
@@ -229,8 +229,10 @@ class MultipartUpload(PartsSink):
         self.completed = True
 
     def close(self) -> None:
+        """Stop sending (error paths). The abort is the store's ``abandon``, after the collector
+        has released the target: a request to an endpoint that is down must not lengthen the
+        target's pause."""
         super().close()
-        self.abort()
 
     def abort(self) -> None:
         """Abort the upload unless it completed (then the object is the caller's to delete)."""
