@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
-from .arch import ArchInfo
+from .arch import PHYS_BASE_KEYS, ArchInfo, parse_vmcoreinfo_number
 from .errors import FormatError, SourceReadError, UsageError
 from .image import CoreImage, DumpKind
 from .notes import (
@@ -373,9 +373,11 @@ def vmcoreinfo_facts(fields: dict[str, str]) -> dict[str, object]:
     out: dict[str, object] = {}
     if "OSRELEASE" in fields:
         out["osrelease"] = fields["OSRELEASE"]
-    for key, name, base in (("NUMBER(phys_base)", "phys_base", 0),
-                            ("NUMBER(PHYS_OFFSET)", "phys_base", 0),
-                            ("KERNELOFFSET", "kernel_offset", 16),
+    for key in PHYS_BASE_KEYS.values():  # the per-arch key and NUMBER() parser: kdumpling.arch
+        if key in fields and "phys_base" not in out:
+            with contextlib.suppress(ValueError):
+                out["phys_base"] = parse_vmcoreinfo_number(fields[key])
+    for key, name, base in (("KERNELOFFSET", "kernel_offset", 16),
                             ("CRASHTIME", "crash_time", 10)):
         if key in fields and name not in out:
             try:

@@ -16,7 +16,7 @@ import sys
 from array import array
 from collections.abc import Iterator
 
-from .arch import ARCHITECTURES, ArchInfo
+from .arch import ARCHITECTURES, PHYS_BASE_KEYS, ArchInfo
 from .codecs import PageDecoder, codec_of_flags
 from .errors import SourceReadError, UsageError
 from .image import CoreImage, DumpKind
@@ -507,8 +507,7 @@ class KdumpDump(Dump):
         if self.eraseinfo and not any(n.name == ERASEINFO_NOTE_NAME for n in self.notes):
             extra.append(Note(ERASEINFO_NOTE_NAME, 0, self.eraseinfo))
         fields = self.vmcoreinfo_fields
-        key = {"x86_64": "NUMBER(phys_base)", "aarch64": "NUMBER(PHYS_OFFSET)"}.get(
-            self.arch.name)
+        key = PHYS_BASE_KEYS.get(self.arch.name)
         phys_base = self.header.get("phys_base")
         use_header = key is not None and key not in fields and isinstance(phys_base, int)
         uts_version = self.header.get("version")
