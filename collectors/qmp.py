@@ -181,7 +181,10 @@ class QmpCollector(StreamedDumpCollector):
             return None
         self._pause_measured = True
         stop = client.events("STOP")
-        resume = client.wait_event({"RESUME"}, 5.0)
+        try:
+            resume = client.wait_event({"RESUME"}, 5.0)
+        except TargetGoneError:
+            return None  # QEMU died during the dump: there was no resume
         if not stop or resume is None:
             return None
         return max(0.0, resume.timestamp - stop[0].timestamp)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,63 @@ def test_qmp_concurrent_progress_thread_is_gone(qemu_guest: rig.QemuGuest,
         write_dump(snap.image, out_dir / "d.elf", format="elf")
     names = [t.name for t in threading.enumerate()]
     assert "kdumpling-qmp-progress" not in names
+
+
+@pytest.fixture
+def doomed_guest(guest_kernel: rig.KernelFiles, guest_dir: Path) -> Iterator[rig.QemuGuest]:
+    """A guest of its own, killed during the test."""
+    spec = rig.new_spec()
+    initramfs = rig.build_initramfs(guest_kernel, guest_dir / "doomed-initramfs.cpio.gz", spec)
+    guest = rig.QemuGuest(guest_kernel, initramfs, guest_dir / "doomed", spec, mem_mb=256)
+    try:
+        guest.start()
+    except rig.RigError as err:
+        guest.stop()
+        pytest.fail(f"guest did not boot: {err}")
+    try:
+        yield guest
+    finally:
+        guest.stop()
+
+
+@pytest.mark.parametrize("spool", [False, True], ids=["stream", "spool"])
+def test_qemu_killed_mid_dump_keeps_what_arrived(doomed_guest: rig.QemuGuest, out_dir: Path,
+                                                 spool: bool) -> None:
+    """QEMU dies (SIGKILL) half way through its dump: the dump keeps every page that arrived,
+    names the rest, says incomplete (libkdumpfile and our reader read it), instead of the
+    TargetGoneError that kept nothing."""
+    import signal
+
+    guest = doomed_guest
+    pid = guest.pid
+    killed = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done > total // 2 and not killed.is_set():
+            killed.set()
+            os.kill(pid, signal.SIGKILL)
+
+    out = out_dir / "dump.kdump"
+    where = None
+    if spool:
+        where = out_dir / "spool"
+        where.mkdir()
+    with QmpCollector(guest.qmp_path, progress=progress,
+                      spool=str(where) if where else None) as snap:
+        result = write_dump(snap.image, out, format="kdump", compression="zlib")
+    assert killed.is_set()
+    lost = sum(b - a for a, b in result.missing)
+    assert 0 < lost < 256 << 20
+    assert any("ended after" in w for w in snap.warnings)
+    with open_dump(out) as back:
+        assert back.header["incomplete"]  # DUMP_DH_COMPRESSED_INCOMPLETE
+        # what arrived is there: the memory below the cut, page for page
+        below = sum(min(s.phys_addr + s.mem_size, result.missing[0][0]) - s.phys_addr
+                    for s in back.segments if s.phys_addr < result.missing[0][0])
+    assert below >= result.missing[0][0] - (1 << 20)  # less the ISA hole and firmware ranges
+    from tests.readers import kdumpfile_module, lkf_open
+
+    kdumpfile = kdumpfile_module()
+    ctx = lkf_open(str(out))
+    assert bytes(ctx.attr["linux.vmcoreinfo.raw"]).startswith(b"OSRELEASE=")
+    assert len(bytes(ctx.read(kdumpfile.KDUMP_MACHPHYSADDR, 0x1000, 4096))) == 4096
