@@ -1,17 +1,35 @@
 """Finding the process a process target means: by PID, PID file, name or systemd unit.
 
-Plain /proc reads for now; issue 13 moves the lookup and the process metrics onto psutil.
+psutil does the lookup (names, executables, start times, existence). Hand-written reads stay
+only where psutil has nothing: the PID file itself, and a unit's cgroup membership
+(/proc/PID/cgroup) when no systemd answers for its MainPID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
+import psutil
 from kdumpling.errors import TargetGoneError, UsageError
 
 TASK_COMM_LEN = 15  # /proc/PID/comm keeps the first 15 bytes of the name (include/linux/sched.h)
+
+
+@contextlib.contextmanager
+def _procfs(proc: str) -> Iterator[None]:
+    """psutil reads /proc; ``proc`` points it elsewhere (a container's /proc) for a while."""
+    if proc == psutil.PROCFS_PATH:
+        yield
+        return
+    old, psutil.PROCFS_PATH = psutil.PROCFS_PATH, proc
+    try:
+        yield
+    finally:
+        psutil.PROCFS_PATH = old
 
 
 def _read(path: str) -> bytes | None:
@@ -23,53 +41,50 @@ def _read(path: str) -> bytes | None:
 
 
 def comm(pid: int, proc: str = "/proc") -> str | None:
-    data = _read(f"{proc}/{pid}/comm")
-    return data.decode("utf-8", "replace").strip() if data is not None else None
+    """The process's name (psutil completes a comm cut at 15 bytes from its command line)."""
+    with _procfs(proc), contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).name()
+    return None
 
 
 def exe(pid: int, proc: str = "/proc") -> str | None:
     """The executable of a process, so ``debug`` can hand it to gdb."""
-    try:
-        return os.readlink(f"{proc}/{pid}/exe")
-    except OSError:
-        return None
+    with _procfs(proc), contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).exe() or None
+    return None
 
 
-def _start_time(pid: int, proc: str) -> int:
-    data = _read(f"{proc}/{pid}/stat")
-    if not data:
-        return 0
-    fields = data[data.rfind(b")") + 2:].split()
-    return int(fields[19]) if len(fields) > 19 else 0  # field 22: starttime
-
-
-def _pids(proc: str) -> list[int]:
-    return [int(n) for n in os.listdir(proc) if n.isdigit()]
-
-
-def _oldest_first(pids: list[int], proc: str) -> list[int]:
-    return sorted(pids, key=lambda pid: (_start_time(pid, proc), pid))
-
-
-def _argv0(pid: int, proc: str) -> str:
-    cmdline = _read(f"{proc}/{pid}/cmdline") or b""
-    return os.path.basename(cmdline.split(b"\0", 1)[0].decode("utf-8", "replace"))
-
-
-def _matches_name(pid: int, name: str, proc: str) -> bool:
-    got = comm(pid, proc)
-    if got is None:
-        return False
-    if got == name or (len(name) > TASK_COMM_LEN and got == name[:TASK_COMM_LEN]):
-        return len(name) <= TASK_COMM_LEN or _argv0(pid, proc) == name
-    return _argv0(pid, proc) == name
+def _matches(info: dict[str, object], name: str) -> bool:
+    comm_name = str(info.get("name") or "")
+    cmdline = info.get("cmdline") or []
+    argv0 = os.path.basename(str(cmdline[0])) if isinstance(cmdline, list) and cmdline else ""
+    if comm_name == name:
+        return True
+    if len(name) > TASK_COMM_LEN and comm_name == name[:TASK_COMM_LEN]:
+        return argv0 == name
+    return argv0 == name
 
 
 def find_processes(name: str, proc: str = "/proc") -> list[int]:
-    """PIDs whose comm or argv[0] basename is ``name``, oldest first, never ourselves."""
+    """PIDs whose name or argv[0] basename is ``name``, oldest first, never ourselves."""
     me = os.getpid()
-    return _oldest_first([pid for pid in _pids(proc)
-                          if pid != me and _matches_name(pid, name, proc)], proc)
+    found: list[tuple[float, int]] = []
+    with _procfs(proc):
+        for p in psutil.process_iter(["name", "cmdline", "create_time"]):
+            if p.pid != me and _matches(p.info, name):
+                found.append((float(p.info.get("create_time") or 0.0), p.pid))
+    return [pid for _t, pid in sorted(found)]
+
+
+def _oldest_first(pids: list[int], proc: str) -> list[int]:
+    def started(pid: int) -> tuple[float, int]:
+        try:
+            return psutil.Process(pid).create_time(), pid
+        except psutil.Error:
+            return 0.0, pid
+
+    with _procfs(proc):
+        return sorted(pids, key=started)
 
 
 def unit_processes(unit: str, proc: str = "/proc") -> list[int]:
@@ -85,8 +100,11 @@ def unit_processes(unit: str, proc: str = "/proc") -> list[int]:
             pass
     # Without a running systemd (containers, tests): the unit's cgroup is ".../UNIT" in either
     # the unified hierarchy ("0::") or systemd's named v1 hierarchy ("name=systemd").
+    # psutil has no cgroup membership, so /proc/PID/cgroup is read here.
     found = []
-    for pid in _pids(proc):
+    with _procfs(proc):
+        pids = psutil.pids()
+    for pid in pids:
         data = _read(f"{proc}/{pid}/cgroup") or b""
         for line in data.decode("utf-8", "replace").splitlines():
             _num, ctrl, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
@@ -96,8 +114,14 @@ def unit_processes(unit: str, proc: str = "/proc") -> list[int]:
     return _oldest_first(found, proc)
 
 
+def _alive(pid: int, proc: str) -> bool:
+    """It exists (a zombie too: the collector then says it has exited)."""
+    with _procfs(proc):
+        return psutil.pid_exists(pid)
+
+
 def running_pid(pid: int, proc: str = "/proc") -> int:
-    if not os.path.exists(f"{proc}/{pid}"):
+    if not _alive(pid, proc):
         raise TargetGoneError(f"no process with PID {pid}")
     return pid
 
@@ -110,7 +134,7 @@ def pid_from_file(path: str, proc: str = "/proc") -> int:
     if not text.isdigit():
         raise TargetGoneError(f"the PID file {path} holds no PID")
     pid = int(text)
-    if not os.path.exists(f"{proc}/{pid}"):
+    if not _alive(pid, proc):
         raise TargetGoneError(f"PID {pid} from {path} is not running")
     return pid
 
