@@ -5,7 +5,9 @@ them is kept, the rest named, the output marked incomplete and the agent exits 6
 from __future__ import annotations
 
 import os
+import re
 import struct
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,14 @@ from kdumpling.reader import open_dump
 
 from tests import testdumps as td
 from tests.agenttools import json_out, run_agent
-from tests.readers import drgn_module, drgn_program, kdumpfile_module, lkf_open, lkf_read_phys
+from tests.readers import (
+    drgn_module,
+    drgn_program,
+    kdumpfile_module,
+    lkf_open,
+    lkf_read_phys,
+    tool,
+)
 
 # A KASLR phys_base the rig's guest had on one boot: the kernel sits below its link address.
 NEGATIVE = -0xA400000
@@ -218,10 +227,15 @@ def _check_output(out: Path, out_fmt: str, m: td.Machine, missing: list[tuple[in
     assert kept > 0
     with open(out, "rb") as f:
         head = f.read(0x1B0)
+    # crash -d1 shows the header as it understood it
+    proc = subprocess.run([tool("crash"), "-d1", "--osrelease", str(out)], capture_output=True,
+                          text=True, timeout=120)
     if out_fmt == "elf":
         assert struct.unpack_from("<I", head, 0x30)[0] & 1  # e_flags DUMP_ELF_INCOMPLETE
+        assert re.search(r"e_flags: 1\b", proc.stdout), proc.stdout[-2000:]
     else:
         assert struct.unpack_from("<I", head, 0x1A8)[0] & 0x8  # DUMP_DH_COMPRESSED_INCOMPLETE
+        assert "DUMP_DH_COMPRESSED_INCOMPLETE" in proc.stdout, proc.stdout[-2000:]
 
 
 def _ranges(rec: Any) -> list[tuple[int, int]]:
