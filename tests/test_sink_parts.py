@@ -21,7 +21,7 @@ from tests.readers import lkf_open, lkf_read_phys
 PAGE = 4096
 
 
-def _builder(mib: int, seed: int = 7) -> tuple[KdumpBuilder, list[tuple[int, bytes]]]:
+def kernel_builder(mib: int, seed: int = 7) -> tuple[KdumpBuilder, list[tuple[int, bytes]]]:
     """A kernel image of ``mib`` MiB: random pages (incompressible), zero pages and pattern
     pages, in three ranges, so the data area spans several parts."""
     rng = random.Random(seed)
@@ -74,7 +74,7 @@ class Collector:
 # bytes differ in one page), so only these codecs give byte-equal files to compare.
 @pytest.mark.parametrize("fmt,codec", [("kdump", "zstd"), ("kdump", "none"), ("elf", "none")])
 def test_parts_join_into_the_file_a_path_gets(tmp_path: Path, fmt: str, codec: str) -> None:
-    builder, _ = _builder(40)
+    builder, _ = kernel_builder(40)
     image = builder.to_image()
     path = tmp_path / "dump"
     write_dump(image, path, format=fmt, compression=codec, dump_level=1)
@@ -93,7 +93,7 @@ def test_parts_join_into_the_file_a_path_gets(tmp_path: Path, fmt: str, codec: s
 
 @pytest.mark.readers
 def test_a_joined_kdump_reads_back_in_libkdumpfile(tmp_path: Path) -> None:
-    builder, ranges = _builder(12)
+    builder, ranges = kernel_builder(12)
     got = Collector()
     write_dump(builder.to_image(), PartsSink("t", got, part_size=MIN_PART_SIZE),
                format="kdump", compression="zlib", dump_level=1)
