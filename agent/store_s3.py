@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -100,12 +99,13 @@ class S3Store(SnapshotStore):
     def close(self) -> None:
         pass
 
-    # -- locking: one capture of a target at a time on this host ------------------------------
+    # -- locking: one capture of a target at a time on this host -----------------------------
 
     @contextlib.contextmanager
     def lock_target(self, key: str) -> Iterator[bool]:
         digest = hashlib.sha256(f"{self.location}\0{key}".encode()).hexdigest()[:24]
-        directory = os.path.join(tempfile.gettempdir(), f"kdumpling-s3-locks-{os.geteuid()}")
+        # beside the spool (the local snapshot directory), as the directory store keeps them
+        directory = os.path.join(self.spool_dir, ".locks")
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fd = os.open(os.path.join(directory, digest + ".lock"),
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -200,7 +200,7 @@ def test_spool_writes_locally_then_uploads(tmp_path: Path, s3server: S3Server,
         fx.assert_untouched()
     r = json_out(proc)
     assert r["sha256"] == sha256_of(s3server, bucket, f"sp/{r['id']}.core")
-    assert list((tmp_path / "spool").iterdir()) == []  # the local copy is gone
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == [".locks"]  # the copy is gone
     assert s3server.open_uploads(bucket) == []
 
 
@@ -418,7 +418,7 @@ def test_service_writes_to_a_bucket(tmp_path: Path, s3server: S3Server, bucket: 
         proc = agent(["service", "--once", "--config", str(cfg)], tmp_path, s3server)
         assert proc.returncode == 0, proc.stderr
     assert len(s3server.keys(bucket)) == 4
-    assert list((tmp_path / "spool").iterdir()) == []
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == [".locks"]
 
 
 def test_service_install_adds_the_network_drop_in(tmp_path: Path) -> None:
