@@ -32,6 +32,7 @@ from . import (
     cmd_prune,
     cmd_service,
     cmd_verify,
+    cmd_watch,
 )
 from .cancel import interrupted
 from .common import PROG, ArgumentParser, Context
@@ -50,7 +51,7 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=ArgumentParser)
     for mod in (cmd_capture, cmd_convert, cmd_list, cmd_info, cmd_verify, cmd_prune, cmd_debug,
-                cmd_service):
+                cmd_service, cmd_watch):
         mod.register(sub)
     return parser
 

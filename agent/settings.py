@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .cancel import Cancel
 from .config import AgentConfig, RetentionConfig, TargetConfig
@@ -51,6 +51,7 @@ class CaptureSettings:
     cancel: Cancel | None = None
     opener: Opener = open_target
     retry_on_full: bool = True
+    trigger: dict[str, Any] | None = None  # what fired a conditional snapshot: its record says
 
     @classmethod
     def from_config(cls, config: AgentConfig, target: TargetConfig | None = None, *,
