@@ -34,6 +34,20 @@ def listing(store: SnapshotStore, rec: Record) -> dict[str, Any]:
     return out
 
 
+def _trigger_text(trigger: dict[str, Any] | None) -> str:
+    """``cpu=97>=50`` / ``signal=SIGUSR1``; ``-`` for a scheduled snapshot."""
+    if not trigger:
+        return "-"
+    kind, value = trigger.get("kind", "?"), trigger.get("value")
+    if kind == "signal":
+        return f"signal={value}"
+    op = "<" if str(kind).endswith("-below") else ">="
+    limit = trigger.get("threshold")
+    if str(kind).startswith("memory") and isinstance(value, int) and isinstance(limit, int):
+        value, limit = format_size(value).replace(" ", ""), format_size(limit).replace(" ", "")
+    return f"{kind}={value}{op}{limit}"
+
+
 def run(ctx: Context) -> int:
     a = ctx.args
     store = ctx.open_store(create=False)
@@ -58,7 +72,11 @@ def run(ctx: Context) -> int:
     if not rows:
         ctx.say(f"No snapshots in {ctx.store_dir()}.")
         return 0
-    header = ("TIME", "TARGET", "KIND", "FORMAT", "SIZE", "STATE", "ID")
+    header: tuple[str, ...] = ("TIME", "TARGET", "KIND", "FORMAT", "SIZE", "STATE", "ID")
+    # conditional snapshots (watch, the service's when): which trigger took each one
+    triggered = any(snap.trigger for snap, _status in rows)
+    if triggered:
+        header += ("TRIGGER",)
     table = [header]
     for snap, status in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.time_or_zero))
@@ -71,8 +89,11 @@ def run(ctx: Context) -> int:
             state += ",truncated"
         elif snap.has_warnings:
             state += ",warnings"
-        table.append((when, snap.target_key or "", snap.kind or "-", fmt, size, state,
-                      snap.id or ""))
+        row: tuple[str, ...] = (when, snap.target_key or "", snap.kind or "-", fmt, size, state,
+                                snap.id or "")
+        if triggered:
+            row += (_trigger_text(snap.trigger),)
+        table.append(row)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         ctx.say("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
