@@ -48,6 +48,7 @@ from .options import (
 )
 from .store import DEFAULT_STORE
 from .targets import CONFIG_TYPES, TARGET_TYPES, Target
+from .triggers import DEFAULT_COOLDOWN, DEFAULT_COUNT, DEFAULT_POLL, WhenSpec, when_from_config
 from .units import SizeLimit, parse_duration
 
 DEFAULT_CONFIG = "/etc/kdumpling/agent.toml"
@@ -105,6 +106,7 @@ class TargetConfig:
     keep: int | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)
     enabled: bool = True
+    when: WhenSpec | None = None  # conditional snapshots (when = {...}, process targets only)
 
     @property
     def type(self) -> str:
@@ -199,7 +201,40 @@ def _schedule(c: Checker) -> Schedule:
         except ValueError as err:
             raise c.fail("calendar", str(err)) from None
     c.used.update(("interval", "calendar"))
-    raise c.fail("interval", "a target needs a schedule: interval = \"15min\" or calendar = ...")
+    if c.has("when"):
+        return Schedule()  # conditional snapshots only
+    raise c.fail("interval", "a target needs a schedule: interval = \"15min\" or calendar = ... "
+                             "(or when = {...} for conditional snapshots)")
+
+
+def _duration_key(c: Checker, key: str, default: float) -> float:
+    if not c.has(key):
+        return default
+    try:
+        return parse_duration(c.get(key))
+    except (ValueError, TypeError) as err:
+        raise c.fail(key, str(err)) from None
+
+
+def _when(c: Checker, kind: str) -> WhenSpec | None:
+    """``when = { cpu = 90, for = "30s", ... }`` with ``count``, ``cooldown`` and ``poll``."""
+    if not c.has("when"):
+        for key in ("count", "cooldown", "poll"):
+            if c.has(key):
+                raise c.fail(key, "only applies with when = {...}")
+        return None
+    table = c.get("when")
+    if kind != "process":
+        raise c.fail("when", f"conditional snapshots work on process targets only, not {kind}")
+    if not isinstance(table, Mapping):
+        raise c.fail("when", "expected a table: when = { cpu = 90, for = \"30s\" }")
+    count = c.integer("count", 1, 1_000_000, DEFAULT_COUNT) or DEFAULT_COUNT
+    cooldown = _duration_key(c, "cooldown", DEFAULT_COOLDOWN)
+    poll = _duration_key(c, "poll", DEFAULT_POLL)
+    if poll <= 0:
+        raise c.fail("poll", "must be more than 0")
+    return when_from_config(table, f"{c.where}: {c.prefix}when", count=count,
+                            cooldown=cooldown, poll=poll)
 
 
 def _target(name: str, table: Any, where: str) -> TargetConfig:
@@ -211,11 +246,13 @@ def _target(name: str, table: Any, where: str) -> TargetConfig:
         raise c.fail("type", f"missing; one of {', '.join(CONFIG_TYPES)}")
     enabled = c.boolean("enabled", True)
     schedule = _schedule(c)
+    when = _when(c, kind)
     target = TARGET_TYPES[kind].from_config(name, c)
     out = TargetConfig(name=name, target=target, schedule=schedule,
                        options=_write_options(c, threads=False),
                        keep=c.integer("keep", 0, 1_000_000),
-                       annotations=c.table_of_strings("annotations"), enabled=enabled)
+                       annotations=c.table_of_strings("annotations"), enabled=enabled,
+                       when=when)
     c.finish()
     return out
 

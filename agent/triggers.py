@@ -339,9 +339,27 @@ def triggers_from_options(*, cpu: object = None, cpu_below: object = None,
 WHEN_KEYS = ("cpu", "cpu_below", "for", "memory", "memory_below", "threads", "fds", "signal")
 
 
+@dataclass(frozen=True)
+class WhenSpec:
+    """A configured ``when``: the triggers and budget; ``start`` makes the live state for one
+    process (the service starts a fresh one when the process restarts)."""
+
+    triggers: tuple[Trigger, ...]
+    count: int = DEFAULT_COUNT
+    cooldown: float = DEFAULT_COOLDOWN
+    poll: float = DEFAULT_POLL
+
+    def start(self, clock: Callable[[], float] = time.monotonic) -> TriggerSet:
+        return TriggerSet(self.triggers, count=self.count, cooldown=self.cooldown,
+                          poll=self.poll, clock=clock)
+
+    def describe(self) -> str:
+        return ", ".join(t.show() for t in self.triggers)
+
+
 def when_from_config(table: Mapping[str, Any], where: str, *, count: int = DEFAULT_COUNT,
                      cooldown: float = DEFAULT_COOLDOWN,
-                     poll: float = DEFAULT_POLL) -> TriggerSet:
+                     poll: float = DEFAULT_POLL) -> WhenSpec:
     """The service's ``when = { cpu = 90, for = "30s", memory = "2G", signal = ["USR1"] }``;
     ``where`` (``FILE: targets.NAME.when``) prefixes every error."""
     unknown = sorted(set(table) - set(WHEN_KEYS))
@@ -357,11 +375,12 @@ def when_from_config(table: Mapping[str, Any], where: str, *, count: int = DEFAU
             cpu=table.get("cpu"), cpu_below=table.get("cpu_below"), for_=table.get("for"),
             memory=table.get("memory"), memory_below=table.get("memory_below"),
             threads=table.get("threads"), fds=table.get("fds"), signals=signals, poll=poll)
-        return TriggerSet(triggers, count=count, cooldown=cooldown, poll=poll)
+        return WhenSpec(TriggerSet(triggers, count=count, cooldown=cooldown, poll=poll).triggers,
+                        count, cooldown, poll)
     except (UsageError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
 
 
 __all__ = ["DEFAULT_COOLDOWN", "DEFAULT_COUNT", "DEFAULT_POLL", "KINDS", "WHEN_KEYS", "Fired",
-           "Probe", "Sample", "Trigger", "TriggerSet", "polls_for", "triggers_from_options",
-           "when_from_config"]
+           "Probe", "Sample", "Trigger", "TriggerSet", "WhenSpec", "polls_for",
+           "triggers_from_options", "when_from_config"]

@@ -226,7 +226,7 @@ def test_options_are_checked() -> None:
 def test_when_table() -> None:
     ts = when_from_config({"cpu": 90, "for": "30s", "memory": "2G", "threads": 500,
                            "fds": 1000, "signal": ["USR1"]}, "agent.toml: targets.web.when",
-                          count=3, cooldown=60.0)
+                          count=3, cooldown=60.0).start()
     assert [t.kind for t in ts.triggers] == ["cpu", "memory", "threads", "fds", "signal"]
     assert ts.triggers[0].polls == 30 and ts.triggers[1].threshold == 2 << 30
     assert (ts.count, ts.cooldown, ts.signals) == (3, 60.0, (10,))
