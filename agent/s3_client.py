@@ -212,7 +212,7 @@ class MultipartUpload(PartsSink):
         super().__init__(str(url), self._upload_part, part_size=part_size,
                          stall_timeout=stall_timeout)
 
-    def _upload_part(self, number: int, data: bytearray) -> None:
+    def _upload_part(self, number: int, data: bytes) -> None:
         with s3_errors(f"{self.url}: part {number}"):
             reply = self.client.upload_part(Bucket=self.url.bucket, Key=self.url.key,
                                             UploadId=self.upload_id, PartNumber=number,

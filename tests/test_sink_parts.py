@@ -55,7 +55,7 @@ class Collector:
         self.threads: set[str] = set()
         self.delay = delay
 
-    def __call__(self, number: int, data: bytearray) -> None:
+    def __call__(self, number: int, data: bytes) -> None:
         if self.delay:
             time.sleep(self.delay)
         assert number not in self.parts, f"part {number} sent twice"
@@ -81,7 +81,8 @@ def test_parts_join_into_the_file_a_path_gets(tmp_path: Path, fmt: str, codec: s
     want = path.read_bytes()
 
     got = Collector()
-    sink = PartsSink("test", got, part_size=MIN_PART_SIZE)
+    # one sending thread, so the order parts arrive in is the order they were handed over
+    sink = PartsSink("test", got, part_size=MIN_PART_SIZE, senders=1)
     result = write_dump(builder.to_image(), sink, format=fmt, compression=codec, dump_level=1)
     assert hashlib.sha256(got.joined()).hexdigest() == hashlib.sha256(want).hexdigest()
     assert result.bytes_out == len(want) and result.path is None
@@ -118,7 +119,7 @@ def test_a_write_into_a_sent_part_fails() -> None:
 
 
 def test_a_failed_send_fails_the_writer() -> None:
-    def send(number: int, data: bytearray) -> None:
+    def send(number: int, data: bytes) -> None:
         raise OSError(5, "endpoint gone")
 
     sink = PartsSink("t", send, part_size=MIN_PART_SIZE)
@@ -132,7 +133,7 @@ def test_a_failed_send_fails_the_writer() -> None:
 def test_a_stalled_sender_fails_the_writer_in_bounded_time() -> None:
     release = threading.Event()
 
-    def send(number: int, data: bytearray) -> None:
+    def send(number: int, data: bytes) -> None:
         release.wait(30)
 
     sink = PartsSink("t", send, part_size=MIN_PART_SIZE, queue_depth=1, stall_timeout=1.0)

@@ -13,9 +13,9 @@ streams behind it, so its parts complete one after another too. A write into a p
 is a DumpWriteError: that writer is not streamable.
 
 Memory is bounded by the parts open at once (part 1, the descriptor table's current part, the
-data's current part) plus the queue to the sending thread: about 6 parts, 48 MiB at the default
-8 MiB. S3 allows 10000 parts, each but the last >= 5 MiB; the layout doubles the part size every
-2000 parts, so 8 MiB parts reach about 496 GiB.
+data's current part), the queue (2) and the parts being sent (2 threads): about 7 parts, 56 MiB
+at the default 8 MiB. S3 allows 10000 parts, each but the last >= 5 MiB; the layout doubles the
+part size every 2000 parts, so 8 MiB parts reach about 496 GiB.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ DEFAULT_PART_SIZE = 8 << 20
 MAX_PARTS = 10000  # S3's limit on part numbers
 PARTS_PER_STEP = 2000  # the part size doubles after this many parts
 
-SendPart = Callable[[int, bytearray], None]
+SendPart = Callable[[int, bytes], None]
 
 
 class PartLayout:
@@ -90,10 +90,10 @@ class _Part:
 
 
 class PartsSink(Sink):
-    """Writes addressed by final file offset, delivered as whole parts to ``send`` on a second
-    thread.
+    """Writes addressed by final file offset, delivered as whole parts to ``send`` on sending
+    threads (``senders`` of them, each one part at a time: parts may arrive in any order).
 
-    ``send(number, data)`` runs on the sending thread, one part at a time; an exception from it
+    An exception from ``send``
     fails the next write or ``finish``. ``stall_timeout``: the longest a write may wait for the
     sending thread before the dump fails (so a stalled upload cannot keep a stopped target
     waiting). ``finish`` sends what is left (part 1 last) and waits for every part; ``parts``
@@ -104,18 +104,20 @@ class PartsSink(Sink):
     seekable = True  # positioned writes, as a file: the writers keep their seekable layout
 
     def __init__(self, name: str, send: SendPart, *, part_size: int = DEFAULT_PART_SIZE,
-                 queue_depth: int = 2, stall_timeout: float = 300.0) -> None:
+                 queue_depth: int = 2, senders: int = 2, stall_timeout: float = 300.0) -> None:
         super().__init__(name)
         self.layout = PartLayout(part_size)
         self._send = send
         self._stall_timeout = stall_timeout
         self._open: dict[int, _Part] = {}
         self.sent: set[int] = set()
-        self._queue: queue.Queue[tuple[int, bytearray] | None] = queue.Queue(queue_depth)
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(queue_depth)
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sender, name="parts-sender", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._sender, name="parts-sender", daemon=True)
+                         for _ in range(senders)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def parts(self) -> list[int]:
@@ -143,7 +145,7 @@ class PartsSink(Sink):
             raise err
         raise DumpWriteError(f"{self.name}: {err}") from err
 
-    def _enqueue(self, item: tuple[int, bytearray] | None) -> None:
+    def _enqueue(self, item: tuple[int, bytes] | None) -> None:
         deadline = time.monotonic() + self._stall_timeout
         while True:
             self._raise_error()
@@ -186,9 +188,11 @@ class PartsSink(Sink):
 
     def _ship(self, number: int) -> None:
         part = self._open.pop(number, None)
-        buf = part.buf if part is not None else bytearray(self.layout.span(number)[1])
+        # immutable from here: a sender may wrap it (io.BytesIO shares bytes, copies bytearray)
+        data = bytes(part.buf) if part is not None else bytes(self.layout.span(number)[1])
+        del part
         self.sent.add(number)
-        self._enqueue((number, buf))
+        self._enqueue((number, data))
 
     def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._raise_error()
@@ -209,9 +213,12 @@ class PartsSink(Sink):
             if number not in self.sent:
                 self._ship_trimmed(number, last)
         self._ship_trimmed(1, last)
-        self._enqueue(None)
-        self._thread.join(self._stall_timeout)
-        if self._thread.is_alive():
+        deadline = time.monotonic() + self._stall_timeout
+        for _ in self._threads:
+            self._enqueue(None)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
             raise DumpWriteError(f"{self.name}: the upload of the last parts has not finished "
                                  f"in {self._stall_timeout:g} s; giving up")
         self._raise_error()
@@ -236,6 +243,8 @@ class PartsSink(Sink):
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
-        self._thread.join(1.0)
+        for _ in self._threads:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+        for thread in self._threads:
+            thread.join(1.0 / len(self._threads))

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,18 @@ from tests.s3.proxy import Relay
 from tests.test_sink_parts import kernel_builder
 
 PART = 5 << 20  # S3's minimum, so a few MiB of dump already span several parts
+
+# The agent's peak RSS, from a small parent: a child forked by pytest itself would carry pytest's
+# own high-water mark into ru_maxrss (Linux records the old mm's peak at exec).
+PEAK_RSS = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"maxrss_kib={usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def s3_env(tmp: Path, server: S3Server, **extra: str) -> dict[str, str]:
@@ -378,18 +391,16 @@ def test_large_dump_streams_under_a_tiny_tmpdir(tmp_path: Path, s3server: S3Serv
     with tmpfs("4m") as tiny, fixture_process(mb=320) as fx:
         env = s3_env(tmp_path, s3server, TMPDIR=str(tiny))
         env.pop("KDUMPLING_S3_PART_SIZE")  # the default part size, as in production
-        proc = subprocess.Popen([*agent_argv(), "capture", "process", str(fx.pid), "-o",
-                                 f"s3://{bucket}/big/", "--json"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stderr is not None
-        out, err = proc.stdout.read(), proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        assert proc.returncode == 0, err
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *agent_argv(), "capture",
+                               "process", str(fx.pid), "-o", f"s3://{bucket}/big/", "--json"],
+                              env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr
         assert list(tiny.iterdir()) == []
         fx.assert_untouched()
+    out = proc.stdout
+    usage = int(proc.stderr.rsplit("maxrss_kib=", 1)[1])
     r = json.loads(out)
-    peak_mib = usage.ru_maxrss / 1024
+    peak_mib = usage / 1024
     print(f"\nstreamed {r['bytes_out'] / 2**20:.0f} MiB; agent peak RSS {peak_mib:.0f} MiB")
     assert r["bytes_out"] > 320 << 20
     assert peak_mib < 200
