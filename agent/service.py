@@ -40,9 +40,11 @@ from .capture import capture
 from .config import AgentConfig, TargetConfig, load_config
 from .log import get_logger, kv
 from .record import CaptureResult
+from .service_when import Firing, WhenWatch
 from .settings import CaptureSettings, Destination
 from .store import default_store_dir, open_store
 from .systemd import Notifier
+from .targets import ProcessTarget
 from .units import format_duration, format_size
 
 STALL_SECONDS = 600.0  # no progress for this long: stop feeding the watchdog, let systemd act
@@ -54,6 +56,7 @@ class _Slot:
     last_start: float | None = None
     next_due: float | None = None
     last_result: str = "never run"
+    when: WhenWatch | None = None  # when = {...}: conditional snapshots (service_when.py)
 
 
 class Heartbeat:
@@ -109,9 +112,14 @@ class Service:
 
     def _apply(self, config: AgentConfig) -> None:
         old = self.slots
+        for prev in old.values():
+            if prev.when is not None:
+                prev.when.release()
         self.slots = {}
         for t in config.targets:
             slot = _Slot(t)
+            if t.when is not None and isinstance(t.target, ProcessTarget):
+                slot.when = WhenWatch(t.name, t.target, t.when)
             if t.name in old and old[t.name].target.schedule == t.schedule:
                 slot.last_start = old[t.name].last_start
                 slot.last_result = old[t.name].last_result
@@ -158,6 +166,9 @@ class Service:
         try:
             return self._run_once() if self.once else self._loop()
         finally:
+            for slot in self.slots.values():
+                if slot.when is not None:
+                    slot.when.release()  # no process stays traced after we stop
             self.heartbeat.stop()
             self.notifier.close()
 
@@ -167,6 +178,8 @@ class Service:
         for slot in list(self.slots.values()):
             if self.stop_signal:
                 break
+            if slot.when is not None and slot.target.schedule.next_after(None, 0.0) is None:
+                continue  # conditional only: nothing to take "once"
             code = self._capture(slot)
             if code not in (0, 1):
                 worst = code if worst in (0, 1) else worst
@@ -201,21 +214,55 @@ class Service:
                 self.heartbeat.beat()
             if self.stop_signal:
                 break
-            self.notifier.status(self._status_line())
+            self._check_whens()
+            if self.stop_signal:
+                break
+            self._status_throttled()
             self._sleep_until_due()
         self.notifier.stopping(f"stopping on {signal.Signals(self.stop_signal).name}")
         self.log.info("stopping on %s", signal.Signals(self.stop_signal).name)
         return 0
 
+    def _check_whens(self) -> None:
+        for slot in list(self.slots.values()):
+            if slot.when is None or self.stop_signal or self.reload_requested:
+                continue
+            firing = slot.when.tick()
+            if firing is not None:
+                try:
+                    code = self._capture(slot, firing)
+                finally:
+                    slot.when.settle(firing)
+                if code in (0, 1):
+                    slot.when.taken()
+                self.heartbeat.beat()
+
+    _last_status = 0.0
+
+    def _status_throttled(self) -> None:
+        """STATUS= at most once a second: the loop turns often while a process is traced."""
+        now = time.monotonic()
+        if now - self._last_status >= 1.0:
+            self._last_status = now
+            self.notifier.status(self._status_line())
+
     def _sleep_until_due(self) -> None:
         pending = [s.next_due for s in self.slots.values() if s.next_due is not None]
         wait = max(0.0, min(pending) - time.time()) if pending else 3600.0
+        for s in self.slots.values():
+            if s.when is not None:
+                wait = min(wait, s.when.wake_in())
         if self.notifier.watchdog_interval:
             wait = min(wait, self.notifier.watchdog_interval)
         self.wake.wait(wait)
         self.wake.clear()
 
     def _status_line(self) -> str:
+        watching = [s.when.status() for s in self.slots.values() if s.when is not None]
+        line = self._schedule_line()
+        return "; ".join([line, *watching]) if watching else line
+
+    def _schedule_line(self) -> str:
         if not self.slots:
             return "idle: no targets configured"
         pending = [s for s in self.slots.values() if s.next_due is not None]
@@ -227,11 +274,13 @@ class Service:
 
     # -- one capture --------------------------------------------------------------------------
 
-    def _capture(self, slot: _Slot) -> int:
+    def _capture(self, slot: _Slot, firing: Firing | None = None) -> int:
         t = slot.target
-        slot.last_start = time.time()
+        if firing is None:
+            slot.last_start = time.time()
         self.capturing = t.name
-        self.notifier.status(f"capturing {t.name}")
+        why = f" ({firing.fired.annotation()})" if firing is not None else ""
+        self.notifier.status(f"capturing {t.name}{why}")
         last_status = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -243,8 +292,12 @@ class Service:
                 self.notifier.status(f"capturing {t.name}: {pct:.0f}% "
                                      f"({format_size(done)}/{format_size(total)})")
 
-        settings = CaptureSettings.from_config(self.config, t, progress=progress,
-                                               cancel=self.cancel)
+        settings = CaptureSettings.from_config(
+            self.config, t, progress=progress, cancel=self.cancel,
+            annotations={"trigger": firing.fired.annotation()} if firing is not None else None)
+        if firing is not None and isinstance(t.target, ProcessTarget):
+            settings.opener = firing.opener(t.target)  # the PID that fired, the held signal
+            settings.trigger = firing.fired.to_json()
         code = 0
         try:
             with open_store(self._store_dir, create=True,
@@ -280,6 +333,7 @@ class Service:
                     id=r.id, path=result.path, format=r.format, codec=r.codec,
                     bytes_in=r.bytes_in, bytes_out=r.bytes_out, sha256=r.sha256,
                     pause=r.pause_seconds, seconds=r.total_seconds,
+                    trigger=(r.trigger or {}).get("kind"),
                     warnings=len(r.warnings or []) + len(r.unexpected_unreadable),
                     pruned=",".join(result.pruned) or None)
         (self.log.info if result.exit_code == 0 else self.log.warning)("capture %s", fields)
