@@ -275,6 +275,8 @@ def report(ctx: Context, result: CaptureResult) -> None:
 
 
 def how_to_open(record: SnapshotRecord, path: str) -> str:
+    if is_s3_url(path):  # debuggers need a file: debug downloads the object first
+        return f"{PROG} debug {path}"
     if record.kind == "process":
         cmd = f"gdb {record.exe} {path}" if record.exe else f"gdb -c {path}"
     else:
