@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -447,6 +448,13 @@ def test_service_install_adds_the_network_drop_in(tmp_path: Path) -> None:
     assert "PrivateNetwork=no" in text and "AF_INET" in text
     service = (units / "kdumpling-agent.service").read_text()
     assert "PrivateNetwork=yes" in service and "s3://" not in service  # units unchanged
+    analyze = shutil.which("systemd-analyze")
+    if analyze is not None:  # systemd parses the drop-in (it names unknown keys on stderr)
+        res = subprocess.run([analyze, "verify", "--man=no", "./kdumpling-agent.service",
+                              "./kdumpling-agent-once.service"], cwd=units,
+                             env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"},
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
     # back to a local directory: the drop-in goes; uninstall removes it too
     config.write_text('[output]\ndirectory = "/var/lib/kdumpling"\n')
     assert run_agent(["service", "install", "--root", str(root)], tmp_path).returncode == 0
