@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 
@@ -175,31 +176,36 @@ class DirectoryStore(SnapshotStore):
             os.unlink(res.sidecar, dir_fd=self._fd)
 
     def _write_json(self, name: str, record: SnapshotRecord, exclusive: bool) -> None:
+        """Write a record whole under a temporary name, then put it in place: link() for a new
+        (exclusive) name, which fails if the name exists, rename() otherwise. Readers never see
+        a half-written or empty record."""
         payload = (json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n").encode()
-        target = name if exclusive else name + ".tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        if not exclusive:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(target, dir_fd=self._fd)
+        tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(target, flags, 0o600, dir_fd=self._fd)
+            fd = os.open(tmp, flags, 0o600, dir_fd=self._fd)
+        except OSError as err:
+            raise DumpWriteError.from_oserror(err, self.path_of(tmp)) from err
+        try:
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if exclusive:
+                os.link(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd,
+                        follow_symlinks=False)
+            else:
+                os.rename(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         except FileExistsError:
             raise
         except OSError as err:
-            raise DumpWriteError.from_oserror(err, self.path_of(target)) from err
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError as err:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(target, dir_fd=self._fd)
-            raise DumpWriteError.from_oserror(err, self.path_of(target)) from err
-        os.close(fd)
-        if not exclusive:
-            os.rename(target, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+            raise DumpWriteError.from_oserror(err, self.path_of(name)) from err
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=self._fd)
         with contextlib.suppress(OSError):
             os.fsync(self._fd)
 

@@ -81,6 +81,31 @@ def test_directory_store_is_a_snapshot_store(tmp_path: Path) -> None:
         assert store.usage() >= 8192
 
 
+def test_records_appear_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader listing the store while a record is written never finds it empty or half
+    there (the service's list/prune run while captures reserve names)."""
+    store = DirectoryStore(str(tmp_path / "s"))
+    seen: list[dict[str, object]] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        # Every record a reader would list at this moment must parse whole.
+        seen.append({p.name: json.loads(p.read_text())
+                     for p in (tmp_path / "s").glob("*.json")})
+        return real_write(fd, data)
+
+    with store:
+        monkeypatch.setattr(os, "write", write)
+        res = store.reserve("web", "core", SnapshotRecord(target="web", type="process"))
+        Path(res.path).write_bytes(b"x" * 4096)
+        store.commit(res, SnapshotRecord(target="web", target_key="web", type="process"))
+        monkeypatch.undo()
+    # Written while the reservation was: nothing listed; while the commit was: the reservation.
+    assert seen[0] == {}
+    assert seen[-1] == {res.sidecar: seen[-1][res.sidecar]}
+    assert seen[-1][res.sidecar]["state"] == "capturing"
+
+
 def test_store_only_removes_what_it_wrote(tmp_path: Path) -> None:
     store = DirectoryStore(str(tmp_path / "s"))
     res = store.reserve("web", "core", SnapshotRecord(target="web"))
