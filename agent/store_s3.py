@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from kdumpling.dump import INCOMPLETE_SUFFIX
 from kdumpling.errors import UsageError
 
 from .record import SCHEMA, SnapshotRecord, iso_time, slug, utc_stamp
@@ -69,6 +70,10 @@ def spool_directory() -> str:
     """Where ``--spool`` keeps the dump until it is uploaded: KDUMPLING_SPOOL_DIR, else the local
     snapshot directory (/var/lib/kdumpling for root), never TMPDIR (it may be small)."""
     return os.environ.get("KDUMPLING_SPOOL_DIR") or default_store_dir(None)
+
+
+def _spool_path(ident: str, pid: int) -> str:
+    return os.path.join(spool_directory(), f".{ident}.{pid}.spool")
 
 
 class S3Store(SnapshotStore):
@@ -154,7 +159,8 @@ class S3Store(SnapshotStore):
     def _open(self, ident: str, file: str, sidecar: str, reserved: SnapshotRecord) \
             -> Reservation:
         if self.spool:
-            path = os.path.join(self.spool_dir, f".{ident}.{os.getpid()}.spool")
+            os.makedirs(spool_directory(), mode=0o700, exist_ok=True)
+            path = _spool_path(ident, os.getpid())
             self._put_record(sidecar, reserved)
             return Reservation(ident, file, path, sidecar, reserved)
         upload = MultipartUpload(self.client, self._url(file))
@@ -200,9 +206,14 @@ class S3Store(SnapshotStore):
         upload_id = res.record.extra.get("upload_id")
         if isinstance(upload_id, str) and sink is None:
             abort_upload(self.client, self._url(res.file), upload_id)
-        if self.spool:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(res.path)
+        spooled = [res.path] if self.spool else []
+        pid = res.record.agent_pid
+        if pid is not None and res.record.host == socket.gethostname():
+            spooled.append(_spool_path(res.id, pid))  # a killed agent's spooled copy
+        for path in spooled:
+            for name in (path, path + INCOMPLETE_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
         with contextlib.suppress(Exception):
             self._delete(res.sidecar)
 

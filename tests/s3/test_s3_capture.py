@@ -463,3 +463,25 @@ def test_service_install_adds_the_network_drop_in(tmp_path: Path) -> None:
     assert run_agent(["service", "install", "--root", str(root)], tmp_path).returncode == 0
     assert run_agent(["service", "uninstall", "--root", str(root)], tmp_path).returncode == 0
     assert list(units.glob("*.service.d/*")) == []
+
+
+@pytest.mark.ptrace
+@pytest.mark.slow
+def test_a_killed_spooled_capture_is_cleaned_by_prune(tmp_path: Path, s3server: S3Server,
+                                                       bucket: str) -> None:
+    spool = tmp_path / "spool"
+    with fixture_process(mb=200) as fx:
+        proc = subprocess.Popen([*agent_argv(), "capture", "process", str(fx.pid), "-o",
+                                 f"s3://{bucket}/ks/", "--spool"],
+                                env=s3_env(tmp_path, s3server), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_for(lambda: spool.is_dir() and any(p.suffix == ".spool" for p in spool.iterdir()),
+                 120, "the spool file")
+        proc.kill()
+        proc.wait(30)
+    assert [p for p in spool.iterdir() if p.suffix == ".spool"] != []
+    pruned = agent(["prune", "-D", f"s3://{bucket}/ks/", "--json"], tmp_path, s3server)
+    assert pruned.returncode == 0, pruned.stderr
+    assert len(json_out(pruned)["cleaned"]) == 1
+    assert [p for p in spool.iterdir() if p.suffix == ".spool"] == []
+    assert s3server.keys(bucket) == []
