@@ -26,8 +26,10 @@ Events are peeked at with ``waitid(P_ALL, __WALL | __WNOTHREAD | WNOHANG | WNOWA
 for all threads, and only this thread's tracees and children; all but a watched signal's stop are
 then reaped (``_drain`` says why that one is not). So the watching thread must not have
 children of its own that something else waits for (the agent's CLI and service have none).
-Between empty polls it sleeps at most ``MAX_POLL_SLEEP``: that is how long a signal may wait at
-its stop for us to hand it back, and what an idle watch costs (bench/bench_watch.py).
+Between empty peeks it sleeps until SIGCHLD (the kernel sends it to the tracer at every stop)
+when it runs alone in the main thread (the CLI), else for at most ``MAX_POLL_SLEEP``: that is
+how long a signal may wait at its stop for us to hand it back, and what an idle watch costs
+(bench/bench_watch.py).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ from .tracer import (
 )
 
 WNOTHREAD = 0x20000000  # include/uapi/linux/wait.h __WNOTHREAD: only this thread's tracees
-MAX_POLL_SLEEP = 0.01  # seconds between empty polls, at most
+MAX_POLL_SLEEP = 0.01  # seconds between empty polls, at most (when SIGCHLD cannot wake us)
+SIGCHLD_WAIT = 1.0  # the longest wait for a SIGCHLD before peeking anyway
 # Signals a watch cannot catch: SIGKILL never stops at a delivery stop, SIGSTOP is job control.
 UNWATCHABLE = frozenset((signal.SIGKILL, signal.SIGSTOP))
 
@@ -244,18 +247,33 @@ class SignalWatch:
         tracer = self._tracer
         assert tracer is not None
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.0
-        while True:
-            with self._guard.deferred():
-                caught = self._drain(tracer)
-            if caught is not None:
-                return caught
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return None
-            # busy target: poll again soon; quiet one: back off to MAX_POLL_SLEEP
-            delay = min(MAX_POLL_SLEEP, delay * 2 or 0.0005)
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - now)))
+        # Alone in the main thread, SIGCHLD (sent to a tracer at every tracee stop and exit,
+        # kernel/signal.c do_notify_parent_cldstop) wakes us: blocked, it waits in the queue
+        # for sigtimedwait, so none is lost between a peek and the wait. With other threads it
+        # could be delivered to one of them instead: poll then.
+        by_sigchld = (timeout != 0 and threading.active_count() == 1
+                      and threading.current_thread() is threading.main_thread())
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD}) if by_sigchld else None
+        try:
+            delay = 0.0
+            while True:
+                with self._guard.deferred():
+                    caught = self._drain(tracer)
+                if caught is not None:
+                    return caught
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return None
+                left = SIGCHLD_WAIT if deadline is None else min(SIGCHLD_WAIT, deadline - now)
+                if by_sigchld:
+                    signal.sigtimedwait({signal.SIGCHLD}, max(0.0, left))
+                    continue
+                # busy target: poll again soon; quiet one: back off to MAX_POLL_SLEEP
+                delay = min(MAX_POLL_SLEEP, delay * 2 or 0.0005)
+                time.sleep(max(0.0, min(delay, left)))
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _drain(self, tracer: Tracer) -> CaughtSignal | None:
         """Handle every event waiting now; the first watched signal ends the drain.
