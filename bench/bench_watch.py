@@ -61,7 +61,8 @@ def measure(case: str, target_pid: int, args: argparse.Namespace, work: Path) ->
     cmd = [*agent(), "watch", str(target_pid), *CASES[case], "--poll", args.poll, "-o",
            str(work / f"{case}.core"), "-q"]
     env = {**os.environ, "KDUMPLING_AGENT_CONFIG": str(work / "none.toml")}
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    # stderr: the watcher's one line when the bench stops it with SIGTERM is expected
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(args.settle)
         if proc.poll() is not None:

@@ -17,6 +17,10 @@ Sequence (facts measured in the project's process-cores notes):
 
 Whatever happens (read errors, the target exiting or exec'ing, SIGINT/SIGTERM), every thread is
 detached before the error leaves this module; if this process dies, the kernel detaches them.
+
+/proc is read by hand here (collectors/_procfs.py), not through psutil as the agent's lookup and
+metrics are: psutil has no mapping offsets and device/inode pairs, smaps per mapping with
+VmFlags, auxv, coredump_filter, pagemap, or the ptrace stop states of threads.
 """
 
 from __future__ import annotations
