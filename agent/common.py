@@ -81,7 +81,7 @@ class Context:
         path = self.store_dir()
         if not create and not is_s3_url(path) and not os.path.lexists(path):
             return None
-        return open_store(path, create=create, spool=self.spool)
+        return open_store(path, create=create, spool=self.spool, cancel=self.cancel)
 
     @property
     def spool(self) -> bool:
@@ -210,8 +210,10 @@ def destination(ctx: Context, output: str | None) -> Destination:
         return Destination(stream=sys.stdout.buffer)
     if output is not None and is_s3_url(output):
         if not S3Url.parse(output).is_prefix:  # s3://BUCKET/KEY: one object, as -o FILE
-            return Destination(store=SingleObjectStore(output, force=force, spool=ctx.spool))
-        return Destination(store=open_store(output, create=True, spool=ctx.spool))
+            return Destination(store=SingleObjectStore(output, force=force, spool=ctx.spool,
+                                                       cancel=ctx.cancel))
+        return Destination(store=open_store(output, create=True, spool=ctx.spool,
+                                            cancel=ctx.cancel))
     if output and not (os.path.isdir(output) or output.endswith("/")):
         return Destination(path=os.path.abspath(output), force=force)
     directory = os.path.abspath(output) if output else ctx.store_dir()

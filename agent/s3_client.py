@@ -16,7 +16,9 @@ import contextlib
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ READ_TIMEOUT = float(os.environ.get("KDUMPLING_S3_READ_TIMEOUT", "60"))
 STALL_TIMEOUT = float(os.environ.get("KDUMPLING_S3_STALL_TIMEOUT", "300"))
 PART_SIZE = int(os.environ.get("KDUMPLING_S3_PART_SIZE", str(DEFAULT_PART_SIZE)))
 _READ_CHUNK = 8 << 20
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class S3Error(DumpWriteError):
@@ -185,11 +188,15 @@ def iter_object(client: Any, url: S3Url) -> Iterator[bytes]:
             body.close()
 
 
-def sha256_object(client: Any, url: S3Url) -> tuple[str, int]:
-    """(sha256, size) of the object's bytes, read back in one streamed GET."""
+def sha256_object(client: Any, url: S3Url,
+                  check: Callable[[], None] | None = None) -> tuple[str, int]:
+    """(sha256, size) of the object's bytes, read back in one streamed GET; ``check`` runs
+    between chunks (cancellation)."""
     h = hashlib.sha256()
     size = 0
     for chunk in iter_object(client, url):
+        if check is not None:
+            check()
         h.update(chunk)
         size += len(chunk)
     return h.hexdigest(), size
@@ -248,12 +255,44 @@ def abort_upload(client: Any, url: S3Url, upload_id: str) -> None:
         client.abort_multipart_upload(Bucket=url.bucket, Key=url.key, UploadId=upload_id)
 
 
-def upload_file(client: Any, path: str, url: S3Url) -> None:
+def upload_file(client: Any, path: str, url: S3Url,
+                check: Callable[[], None] | None = None) -> None:
     """A finished local file into one object (``--spool``): boto3's managed transfer, parts of
-    PART_SIZE on a few threads."""
+    PART_SIZE on a few threads. ``check`` runs as bytes go out; what it raises (cancellation)
+    fails the transfer, which then aborts its multipart upload (s3transfer), and is raised
+    here."""
     from boto3.s3.transfer import TransferConfig
+
+    stopped: list[BaseException] = []
+
+    def progress(_n: int) -> None:
+        if check is not None:
+            try:
+                check()
+            except BaseException as err:
+                stopped.append(err)
+                raise
 
     config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
                             max_concurrency=2)
-    with s3_errors(f"cannot upload {path} to {url}"):
-        client.upload_file(path, url.bucket, url.key, Config=config)
+    failed: list[BaseException] = []
+
+    def transfer() -> None:
+        # The record's write defers SIGTERM/SIGINT by blocking them (agent/capture.py), and
+        # threads inherit that mask: this one and s3transfer's take them again, so a signal
+        # during the upload reaches the handler, which sets the cancel ``check`` raises.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        try:
+            with s3_errors(f"cannot upload {path} to {url}"):
+                client.upload_file(path, url.bucket, url.key, Config=config, Callback=progress)
+        except BaseException as err:
+            failed.append(err)
+
+    worker = threading.Thread(target=transfer, name="spool-upload", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)  # wake up: Python runs signal handlers on the main thread only
+    if stopped:
+        raise stopped[0]
+    if failed:
+        raise failed[0]

@@ -300,8 +300,8 @@ class Service:
             settings.trigger = firing.fired.to_json()
         code = 0
         try:
-            with open_store(self._store_dir, create=True,
-                            spool=self.config.output.spool) as store:
+            with open_store(self._store_dir, create=True, spool=self.config.output.spool,
+                            cancel=self.cancel) as store:
                 result = capture(t.target, Destination(store=store), settings)
         except KdumplingError as err:
             code = err.exit_code

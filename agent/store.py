@@ -27,6 +27,7 @@ from .record import SnapshotRecord
 if TYPE_CHECKING:  # config imports the target registry, which imports the record module
     from kdumpling.sinks import Sink
 
+    from .cancel import Cancel
     from .config import RetentionConfig
 
 SIDECAR_SUFFIX = ".json"
@@ -247,13 +248,15 @@ class SnapshotStore(ABC):
         return None
 
 
-def open_store(location: str, create: bool = False, spool: bool = False) -> SnapshotStore:
+def open_store(location: str, create: bool = False, spool: bool = False,
+               cancel: Cancel | None = None) -> SnapshotStore:
     """The store at ``location``: a directory path, or ``s3://BUCKET/PREFIX/`` (agent/store_s3.py;
-    ``spool``: write the dump locally first, then upload it)."""
+    ``spool``: write the dump locally first, then upload it; ``cancel`` also stops the upload
+    and the read-back that follow the write)."""
     if location.startswith("s3://"):
         from .store_s3 import S3Store
 
-        return S3Store(location, create=create, spool=spool)
+        return S3Store(location, create=create, spool=spool, cancel=cancel)
     from .store_dir import DirectoryStore  # the back end imports this module's interface
 
     return DirectoryStore(location, create=create)

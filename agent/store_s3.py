@@ -28,12 +28,13 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kdumpling.dump import INCOMPLETE_SUFFIX
 from kdumpling.errors import UsageError
 
+from .cancel import Cancel
 from .record import SCHEMA, SnapshotRecord, iso_time, slug, utc_stamp
 from .s3_client import (
     MultipartUpload,
@@ -80,12 +81,14 @@ class S3Store(SnapshotStore):
     """Snapshots under one prefix of a bucket."""
 
     def __init__(self, url: str, create: bool = False, spool: bool = False,
-                 client: Any = None) -> None:
+                 client: Any = None, cancel: Cancel | None = None) -> None:
         parsed = S3Url.parse(url if url.endswith("/") else url + "/")
         self.url = parsed
         self.prefix = parsed.key
         self.location = str(parsed)
         self.spool = spool
+        # SIGTERM/SIGINT also stop what follows the write: the spool's upload, the read-back
+        self.check_cancel: Callable[[], None] = cancel.check if cancel else lambda: None
         self.client = client if client is not None else make_client()
         check_bucket(self.client, parsed)  # 73/77/69 now, before any target stops
 
@@ -172,15 +175,26 @@ class S3Store(SnapshotStore):
             raise
         res = Reservation(ident, file, self.path_of(file), sidecar, reserved)
         res.sink = upload
-        res.sha256 = lambda: sha256_object(self.client, upload.url)[0]
+        res.sha256 = lambda: sha256_object(self.client, upload.url, self.check_cancel)[0]
         return res
 
     def commit(self, res: Reservation, record: SnapshotRecord) -> SnapshotRecord:
         """Upload a spooled dump (then remove it); store the record with the object's size and
-        ETag, what makes the object ours to delete."""
+        ETag, what makes the object ours to delete. On failure or cancellation nothing of the
+        capture stays."""
+        try:
+            return self._commit(res, record)
+        except BaseException:
+            self.abandon(res)
+            if self.spool:  # the object may be whole already
+                with contextlib.suppress(Exception):
+                    self._delete(res.file)
+            raise
+
+    def _commit(self, res: Reservation, record: SnapshotRecord) -> SnapshotRecord:
         url = self._url(res.file)
         if self.spool:
-            upload_file(self.client, res.path, url)
+            upload_file(self.client, res.path, url, self.check_cancel)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(res.path)
         meta = head(self.client, url)
@@ -314,10 +328,11 @@ class SingleObjectStore(S3Store):
     """``-o s3://BUCKET/KEY``: the dump is that one object, without a record (as ``-o FILE``)."""
 
     def __init__(self, url: str, force: bool = False, spool: bool = False,
-                 client: Any = None) -> None:
+                 client: Any = None, cancel: Cancel | None = None) -> None:
         target = S3Url.parse(url)
         directory, _, self.key_name = target.key.rpartition("/")
-        super().__init__(f"s3://{target.bucket}/{directory}", spool=spool, client=client)
+        super().__init__(f"s3://{target.bucket}/{directory}", spool=spool, client=client,
+                         cancel=cancel)
         self.force = force
 
     def reserve(self, target_key: str, ext: str, record: SnapshotRecord,

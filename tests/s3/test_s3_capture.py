@@ -485,3 +485,22 @@ def test_a_killed_spooled_capture_is_cleaned_by_prune(tmp_path: Path, s3server: 
     assert len(json_out(pruned)["cleaned"]) == 1
     assert [p for p in spool.iterdir() if p.suffix == ".spool"] == []
     assert s3server.keys(bucket) == []
+
+
+@pytest.mark.ptrace
+@pytest.mark.slow
+def test_sigterm_during_the_spool_upload_leaves_nothing(tmp_path: Path, s3server: S3Server,
+                                                        bucket: str) -> None:
+    spool = tmp_path / "spool"
+    with fixture_process(mb=400) as fx:
+        proc = subprocess.Popen([*agent_argv(), "capture", "process", str(fx.pid), "-o",
+                                 f"s3://{bucket}/st/", "--spool"],
+                                env=s3_env(tmp_path, s3server), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: _uploading(s3server, bucket), 120, "the spool's upload")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        fx.assert_untouched()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert [p for p in spool.iterdir() if p.name != ".locks"] == []
+    assert_nothing_left(s3server, bucket)
