@@ -27,7 +27,8 @@ from .units import format_duration
 
 # The loop's longest sleep while a process is traced for signals: how long a signal may wait
 # at its stop for the service to hand it back (the service has other threads, so SIGCHLD cannot
-# wake it reliably; see signal_watch.py); 0.05 s keeps an idle watch near 0.3% of a core.
+# wake it reliably; see signal_watch.py); 0.05 s keeps an idle service near 0.5% of a core
+# (bench/bench_watch.py, case "service").
 SIGNAL_TURN = 0.05
 
 

@@ -9,7 +9,10 @@ command line against it with triggers that never fire, in turn:
   (default 1s): one psutil ``oneshot`` sample per poll;
 * ``signal``: ``--signal USR1`` (the process is traced; the watcher peeks for ptrace events
   every few milliseconds when idle, see collectors/process/signal_watch.py MAX_POLL_SLEEP);
-* ``both``: the two together.
+* ``both``: the two together;
+* ``service``: ``kdumpling-agent service`` with one ``when = { cpu = 90, threads = 100000,
+  signal = ["USR1"] }`` target (the service turns every 50 ms while it traces a process: it has
+  other threads, so SIGCHLD cannot wake it; see agent/service_when.py).
 
 For each it lets the watcher settle (``--settle``, start-up excluded), then reads the watcher's
 CPU time (user + system, /proc through psutil) over ``--seconds`` and reports it as a percentage
@@ -44,7 +47,19 @@ CASES = {
     "signal": ["--signal", "USR1"],
     "both": ["--cpu", "90", "--for", "5s", "--memory", "100G", "--threads", "100000",
              "--fds", "100000", "--signal", "USR1"],
+    "service": [],
 }
+
+
+def command(case: str, target_pid: int, args: argparse.Namespace, work: Path) -> list[str]:
+    if case != "service":
+        return [*agent(), "watch", str(target_pid), *CASES[case], "--poll", args.poll, "-o",
+                str(work / f"{case}.core"), "-q"]
+    cfg = work / "agent.toml"
+    cfg.write_text(f'[output]\ndirectory = "{work / "store"}"\n[targets.w]\ntype = "process"\n'
+                   f'pid = {target_pid}\npoll = "{args.poll}"\n'
+                   'when = { cpu = 90, threads = 100000, signal = ["USR1"] }\n')
+    return [*agent(), "service", "--config", str(cfg)]
 
 
 def agent() -> list[str]:
@@ -58,8 +73,7 @@ def cpu_seconds(p: psutil.Process) -> float:
 
 
 def measure(case: str, target_pid: int, args: argparse.Namespace, work: Path) -> dict[str, object]:
-    cmd = [*agent(), "watch", str(target_pid), *CASES[case], "--poll", args.poll, "-o",
-           str(work / f"{case}.core"), "-q"]
+    cmd = command(case, target_pid, args, work)
     env = {**os.environ, "KDUMPLING_AGENT_CONFIG": str(work / "none.toml")}
     # stderr: the watcher's one line when the bench stops it with SIGTERM is expected
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
