@@ -198,12 +198,12 @@ class PartsSink(Sink):
         self._raise_error()
         self._cover(offset, len(data), data)
 
-    def hole(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
+    def _hole(self, offset: int, length: int) -> bool:
+        """For ``Sink.hole``: nothing to copy, the part's buffer is zero there already; True: no
+        bytes were written (a digest of the output hashes zeros for them)."""
         self._raise_error()
-        self._cover(offset, length, None)  # the part's buffer is zero there already
-        self.size = max(self.size, offset + length)
+        self._cover(offset, length, None)
+        return True
 
     def finish(self) -> None:
         """Send every part not sent yet (never-written gaps as zeros), part 1 last; the last
