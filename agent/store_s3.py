@@ -46,6 +46,7 @@ from .s3_client import (
     not_found,
     s3_errors,
     sha256_object,
+    translate,
     upload_file,
 )
 from .store import (
@@ -262,7 +263,7 @@ class S3Store(SnapshotStore):
         except Exception as err:
             if not_found(err):
                 return None
-            raise
+            raise translate(err, str(url)) from err
         return record_from_json(data, name)
 
     def status(self, rec: Record) -> str:
