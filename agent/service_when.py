@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 from kdumpling.errors import KdumplingError, TargetGoneError
 
+from .log import get_logger
 from .targets import OpenContext, Opened, ProcessTarget, Target, import_collector
 from .triggers import Fired, Probe, Sample, TriggerSet, WhenSpec
 from .units import format_duration
@@ -66,6 +67,7 @@ class WhenWatch:
         self.sample: Sample | None = None
         self.next_poll = 0.0
         self.next_look = 0.0
+        self.blocked_until = 0.0
         self.error: str | None = None
         self._watch: Any = None  # SignalWatch while traced
 
@@ -84,14 +86,14 @@ class WhenWatch:
     def _find(self, now: float) -> bool:
         try:
             pid = self.target.resolve()
+            probe = Probe(pid) if any(t.kind != "signal" for t in self.spec.triggers) else None
         except TargetGoneError:
             return False
-        except KdumplingError as err:  # several processes of that name, ...
+        except KdumplingError as err:  # several processes of that name, no permission, ...
             self.error = str(err)
             return False
         self.error = None
-        self.pid, self.ts = pid, self.spec.start()
-        self.probe = Probe(pid) if self.ts.polled else None
+        self.pid, self.ts, self.probe = pid, self.spec.start(), probe
         self.next_poll = now + self.spec.poll
         return True
 
@@ -108,7 +110,7 @@ class WhenWatch:
             return None
         ts = self.ts
         assert ts is not None and self.pid is not None
-        if ts.done:
+        if ts.done or now < self.blocked_until:
             self.release()
             return None
         try:
@@ -125,6 +127,13 @@ class WhenWatch:
                     return Firing(fired, None, self.pid)
         except TargetGoneError:
             self._lost()
+        except KdumplingError as err:  # 77: not ours to trace or read, traced by gdb, ...
+            self.release()
+            if str(err) != self.error:
+                get_logger().warning("%s: %s; trying again every %s", self.name, err,
+                                     format_duration(self.spec.poll))
+            self.error = str(err)
+            self.blocked_until = now + self.spec.poll
         return None
 
     def _signals(self, ts: TriggerSet) -> Firing | None:
@@ -164,6 +173,9 @@ class WhenWatch:
         """How soon the loop must come back for this target."""
         if self._watch is not None:
             return SIGNAL_TURN
+        blocked = self.blocked_until - time.monotonic()
+        if blocked > 0:
+            return blocked
         if self.pid is None or self.ts is None:
             return self.spec.poll
         if self.ts.done:
@@ -180,6 +192,8 @@ class WhenWatch:
         ts = self.ts
         if ts.done:
             return f"{self.name}: process {self.pid}: {ts.taken}/{ts.count} taken, done"
+        if self.error and time.monotonic() < self.blocked_until:
+            return f"{self.name}: process {self.pid}: {self.error}"
         cool = ts.cooling()
         tail = f", cooldown {format_duration(cool)}" if cool else ""
         return (f"{self.name}: watching process {self.pid}: {ts.status(self.sample)} "

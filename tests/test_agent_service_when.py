@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,35 @@ def test_service_waits_catches_a_signal_and_follows_a_restart(
     assert "signal=SIGUSR1" in listed.stdout and "threads=6>=6" in listed.stdout, listed.stdout
     journal = err_path.read_text()
     assert "trigger=signal" in journal and "trigger=threads" in journal, journal
+
+
+def test_a_process_traced_by_a_debugger_does_not_stop_the_service(
+        tmp_path: Path, listener: NotifyListener) -> None:
+    exe = wt.compile_watch_target(tmp_path)
+    target = wt.start_watch_target(exe)
+    gdb = subprocess.Popen([pt.need("gdb"), "-nx", "-batch", "-p", str(target.pid), "-ex",
+                            "shell sleep 30"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[output]\ndirectory = "{tmp_path / "store"}"\n'
+                   f'[targets.w]\ntype = "process"\npid = {target.pid}\n'
+                   'when = { signal = ["USR1"] }\npoll = "0.2s"\n')
+    wait_for(lambda: pt.proc_status(target.pid)["TracerPid"] == str(gdb.pid), 30,
+             "gdb attached")
+    proc, err_path = _start(tmp_path, cfg, listener)
+    try:
+        wait_for(lambda: _status_has(listener, "already traced by process"), 30,
+                 "STATUS= names the other tracer")
+        assert proc.poll() is None, err_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, err_path.read_text()
+    finally:
+        for p in (proc, gdb):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        target.stop()
+    assert err_path.read_text().count("already traced") == 1  # logged once, not every turn
 
 
 def test_when_is_for_process_targets_only() -> None:
