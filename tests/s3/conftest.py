@@ -77,11 +77,12 @@ class S3Server:
         return path
 
 
-def start_server() -> S3Server:
+def start_server(**server_env: str) -> S3Server:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **server_env})
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -119,11 +120,12 @@ def s3server() -> Iterator[S3Server]:
 
 
 @pytest.fixture
-def own_s3server() -> Iterator[S3Server]:
-    """A server of this test's own, which the test may kill."""
+def authenticating_s3server() -> Iterator[S3Server]:
+    """A server that checks credentials (moto: INITIAL_NO_AUTH_ACTION_COUNT=0): only keys it
+    issued are accepted, so any other key is refused as a real endpoint would."""
     _need("boto3")
     _need("moto.server")
-    server = start_server()
+    server = start_server(INITIAL_NO_AUTH_ACTION_COUNT="0")
     try:
         yield server
     finally:

@@ -504,3 +504,15 @@ def test_sigterm_during_the_spool_upload_leaves_nothing(tmp_path: Path, s3server
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert [p for p in spool.iterdir() if p.name != ".locks"] == []
     assert_nothing_left(s3server, bucket)
+
+
+@pytest.mark.ptrace
+def test_bad_credentials(tmp_path: Path, authenticating_s3server: S3Server) -> None:
+    server = authenticating_s3server
+    with fixture_process(mb=2) as fx:
+        proc = agent(["capture", "process", str(fx.pid), "-o", "s3://snapshots/web/"], tmp_path,
+                     server, AWS_ACCESS_KEY_ID="AKIAKDUMPLINGBADKEY0",
+                     AWS_SECRET_ACCESS_KEY="not-a-secret")
+        fx.assert_untouched()
+    assert proc.returncode == 77, proc.stderr
+    assert "access denied" in assert_one_error_line(proc)
