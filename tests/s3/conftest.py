@@ -133,5 +133,17 @@ def authenticating_s3server() -> Iterator[S3Server]:
 
 
 @pytest.fixture
+def own_s3server() -> Iterator[S3Server]:
+    """A server of this test's own, which the test may kill."""
+    _need("boto3")
+    _need("moto.server")
+    server = start_server()
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture
 def bucket(s3server: S3Server) -> str:
     return s3server.bucket()

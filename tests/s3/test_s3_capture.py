@@ -516,3 +516,23 @@ def test_bad_credentials(tmp_path: Path, authenticating_s3server: S3Server) -> N
         fx.assert_untouched()
     assert proc.returncode == 77, proc.stderr
     assert "access denied" in assert_one_error_line(proc)
+
+
+@pytest.mark.ptrace
+@pytest.mark.slow
+def test_server_killed_mid_upload(tmp_path: Path, own_s3server: S3Server) -> None:
+    """The S3 server process itself dies (its state with it): one line, exit 69, the target
+    released; the relay test above checks what is left on a server that survives."""
+    server = own_s3server
+    bucket = server.bucket()
+    with fixture_process(mb=400) as fx:
+        t0 = time.monotonic()
+        proc = _start_capture(tmp_path, server, fx.pid, f"s3://{bucket}/x/",
+                              KDUMPLING_S3_MAX_ATTEMPTS="2", KDUMPLING_S3_CONNECT_TIMEOUT="2")
+        wait_for(lambda: _uploading(server, bucket), 120, "the first part")
+        server.proc.kill()
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 69, err
+        assert "cannot reach the S3 endpoint" in err and len(err.strip().splitlines()) == 1
+        assert time.monotonic() - t0 < 180
+        fx.assert_untouched()
