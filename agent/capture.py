@@ -211,6 +211,8 @@ class _Output:
         return cast(BinaryIO, self.hasher)
 
     def sha256(self, wr: WriteResult) -> str:
+        if wr.sha256 is not None:
+            return wr.sha256  # hashed by the writer as it wrote (no second read)
         if self.res is not None and self.res.sha256 is not None:
             return self.res.sha256()  # the stored object's bytes, read back
         return self.hasher.sha.hexdigest() if self.hasher is not None else \
@@ -253,7 +255,7 @@ def _write(opened: Opened, out: _Output, dest: Destination, settings: CaptureSet
         w0 = time.monotonic()
         wr = write_dump(image, output, format=fmt, compression=opts.codec_for(fmt),
                         compression_level=opts.level, dump_level=opts.dump_level_or_default,
-                        threads=opts.threads, progress=progress)
+                        threads=opts.threads, progress=progress, sha256=True)
         return _Written(snap, image, annotations, fmt, wr, time.monotonic() - w0)
 
 

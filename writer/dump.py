@@ -54,6 +54,9 @@ class WriteResult:
     # CoreImage.missing as it stood when the dump was finished: non-empty means the output is
     # marked incomplete (kdump status DUMP_DH_COMPRESSED_INCOMPLETE, ELF e_flags bit 0x1).
     missing: list[tuple[int, int]] = field(default_factory=list)
+    # write_dump(sha256=True): the sha256 (hex) of every byte written (a flattened stream's
+    # bytes as sent), hashed while writing; None when not asked for or not computable.
+    sha256: str | None = None
 
     @property
     def incomplete(self) -> bool:
@@ -75,6 +78,7 @@ def write_dump(
     progress: ProgressCallback | None = None,
     fsync: bool = True,
     mode: int = 0o600,
+    sha256: bool = False,
 ) -> WriteResult:
     """Write ``image`` to ``output``.
 
@@ -86,7 +90,8 @@ def write_dump(
     1-9 whatever the format (a ValueError otherwise), default 6 as in the seed. zlib level 1 is
     the fast path (makedumpfile -c's size); 2-9 are zlib's own levels; zstd maps 1-9 onto its
     levels; lzo and snappy have none (see ``PageCodec``). ``dump_level`` bit 1 (makedumpfile -d 1)
-    stores every zero page as one shared page (kdump) or as holes (ELF).
+    stores every zero page as one shared page (kdump) or as holes (ELF). ``sha256``: hash the
+    output while it is written (``WriteResult.sha256``; kdumpling.digest), on a second thread.
     """
     fmt = OutputFormat.parse(format)
     ctype = parse_compression(compression)
@@ -121,19 +126,23 @@ def write_dump(
     if isinstance(output, str | os.PathLike):
         path = os.fspath(output)
         result = _write_path(image, path, fmt, ctype, compression_level, dump_level, threads,
-                             step, fsync, mode)
+                             step, fsync, mode, sha256)
     else:
         path = None
         # A Sink given by the caller (e.g. sink_parts.PartsSink for object storage) is used as
         # it is: positioned writes, finished here, closed on errors.
         sink = output if isinstance(output, Sink) else _stream_sink(output, fmt)
         try:
+            if sha256:
+                sink.start_digest()
             result = _run(image, sink, fmt, ctype, compression_level, dump_level, threads, step)
             sink.finish()
+            result.sha256 = sink.finish_digest()
             if isinstance(sink, FileSink) and not isinstance(output, Sink):
                 output.seek(0, os.SEEK_END)
         finally:
             sink.close()
+            sink.stop_digest()
     result.path = path
     result.elapsed = time.monotonic() - started
     return result
@@ -192,27 +201,39 @@ def _run(image: CoreImage, sink: Sink, fmt: OutputFormat, ctype: CompressionType
 
 def _write_path(image: CoreImage, path: str, fmt: OutputFormat, ctype: CompressionType,
                 level: int, dump_level: int, threads: int | None, step: Callable[[int], None],
-                fsync: bool, mode: int) -> WriteResult:
-    with atomic_output(path, mode, fsync=fsync) as fd:
-        sink: Sink | None = None
-        try:
-            if fmt is OutputFormat.KDUMP_FLATTENED:
-                stream = os.fdopen(os.dup(fd), "wb", buffering=1 << 20)
-                try:
-                    sink = FlattenedSink(stream, path + INCOMPLETE_SUFFIX)
+                fsync: bool, mode: int, sha256: bool) -> WriteResult:
+    sink: Sink | None = None
+    try:
+        with atomic_output(path, mode, fsync=fsync) as fd:
+            try:
+                if fmt is OutputFormat.KDUMP_FLATTENED:
+                    stream = os.fdopen(os.dup(fd), "wb", buffering=1 << 20)
+                    try:
+                        sink = FlattenedSink(stream, path + INCOMPLETE_SUFFIX)
+                        if sha256:
+                            sink.start_digest()
+                        result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
+                        sink.finish()
+                    finally:
+                        stream.close()
+                else:
+                    # writeback: the kernel writes the file out behind us, the fsync waits less
+                    sink = FileSink(fd, path + INCOMPLETE_SUFFIX, writeback=fsync)
+                    if sha256:
+                        sink.start_digest()
                     result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
                     sink.finish()
-                finally:
-                    stream.close()
-            else:
-                sink = FileSink(fd, path + INCOMPLETE_SUFFIX)
-                result = _run(image, sink, fmt, ctype, level, dump_level, threads, step)
-                sink.finish()
-            result.bytes_out = os.fstat(fd).st_size
-        except BaseException:
-            if sink is not None:
-                sink.close()  # no write-behind thread may touch fd after it is closed
-            raise
+                result.bytes_out = os.fstat(fd).st_size
+            except BaseException:
+                if sink is not None:
+                    sink.close()  # no write-behind thread may touch fd after it is closed
+                raise
+        # After the fsync, which the digest thread overlapped (it reads its own descriptor).
+        assert sink is not None
+        result.sha256 = sink.finish_digest()
+    finally:
+        if sink is not None:
+            sink.stop_digest()
     return result
 
 
@@ -222,7 +243,8 @@ def atomic_output(path: str, mode: int = 0o600, *, fsync: bool = True) -> Iterat
     when the block ends it is fsynced, renamed to ``path`` and the directory fsynced, and when
     the block raises it is removed. Every file writer goes through here."""
     tmp = path + INCOMPLETE_SUFFIX
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    # read-write: the writer's digest reads back what it could not hash as it went
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, mode)
     except OSError as err:

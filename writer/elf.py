@@ -158,7 +158,10 @@ def write_elf(
         # Section header 0 carries the real program header count (gABI "Extended numbering").
         head += SHDR[endian].pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0)
     head += notes
-    sink.write_at(0, head)
+    # the digest hashes the header the final rewrite (below) will put there
+    final = pack_ehdr(endian, image.arch.machine, phnum, phoff, shoff,
+                      DUMP_ELF_INCOMPLETE if image.missing else 0) + head[EHDR_SIZE:]
+    sink.write_at(0, head, final=final if live_incomplete else None)
     if data_off > len(head):
         sink.hole(len(head), data_off - len(head))
 
