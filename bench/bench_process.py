@@ -1,22 +1,36 @@
 #!/usr/bin/env python3
-"""Process capture vs gcore on the same 1 GiB process, in one run.
+"""Process snapshots vs ``gcore`` + ``sync`` on the same process, in one run (issue 12 item 1).
 
-For 4 and 200 threads: start the C fixture (tests/fixtures/proc_target.c) with 1 GiB of touched
-memory, then alternate runs of ``gcore`` and of our capture (a child Python process running
-``capture_process``) in both modes, writing to the same directory. Reports wall time (including
-interpreter / gdb start-up), how long the target was stopped, and the capturing process's peak
-RSS (``wait4`` rusage of the child), and ratios against gcore measured in this run.
-Targets from issue 3: wall <= 0.8x gcore, peak RSS < 100 MB, low-pause pause < 50 ms at 4 threads.
-Before each run: ``sync`` (earlier runs' writeback stays out of it) and a wait for other
-processes to go quiet; column ``bg`` is the CPU other processes used during the run, in cores
-(it includes the kernel writing back our own output): a row with high ``bg`` is suspect.
+For each size (default 256 MiB and 1 GiB of touched memory) and thread count: start the C
+fixture (tests/fixtures/proc_target.c), then run, in alternating order each round:
 
-    .venv/bin/python bench/bench_process.py [--mib 1024] [--threads 4,200] [--runs 3]
+* ``gcore+sync``: ``gcore -o OUT PID`` followed by ``sync OUT.PID`` (fsync of the core): the
+  durable equivalent of what the agent does. gcore keeps the process stopped for its whole run,
+  so its pause is its wall time without the sync.
+* ``agent``: the real command line, ``kdumpling-agent capture process PID -o DIR/ --json`` into
+  a snapshot directory (the README's main job: consistent mode, ELF, fsync, sha256 and record),
+  its pause from its JSON.
+* ``low-pause``: the same with ``--mode low-pause``.
+* with ``--ablation``, one child per way in (the same capture through the library, then the
+  agent's steps by hand): ``old`` = fsync without writeback, then the sha256 read back from the
+  file (how the agent worked before); ``digest`` = sha256 while writing, no writeback;
+  ``digest+wb`` = both (what the agent does now).
+
+Reported per row: median wall time (process start to exit, interpreter and gdb start-up
+included), the ratio to gcore+sync, the pause, CPU seconds, the child's peak RSS (``wait4``),
+the core's size, and ``bg``: the CPU other processes used meanwhile (cores; it includes the
+kernel writing back our own output). The machine is shared: before each run the bench calls
+``sync`` and waits for other processes to go quiet, and prints every run's wall time so the
+noise shows. Targets (issue 12): agent wall <= 0.8x gcore+sync at every size, peak RSS < 100 MB,
+and with ``--ablation`` the agent's pause no longer than the ``old`` one's.
+
+    .venv/bin/python bench/bench_process.py [--mib 256,1024] [--threads 4] [--runs 5] [--ablation]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import select
@@ -31,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "fixtures" / "proc_target.c"
+AGENT = Path(sys.executable).parent / "kdumpling-agent"
 
 
 @dataclass
@@ -39,7 +54,7 @@ class Sample:
     pause: float | None
     maxrss_kib: int
     out_bytes: int
-    cpu: float  # user + system seconds of the capturing process (less noisy than wall)
+    cpu: float  # user + system seconds of the child (less noisy than wall)
     bg: float = 0.0  # CPU cores other processes used meanwhile (this machine's are shared)
 
 
@@ -52,15 +67,34 @@ class Series:
         values = [getattr(s, attr) for s in self.samples if getattr(s, attr) is not None]
         return statistics.median(values) if values else float("nan")
 
+    def walls(self) -> str:
+        return " ".join(f"{s.wall:.2f}" for s in self.samples)
 
-def child_main(pid: int, out: str, mode: str, fsync: bool) -> None:
-    """Runs in the measured child: one capture, JSON result on stdout."""
+
+def sha256_file(path: str) -> str:
+    """The agent's former second pass: read the whole file back."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def child_main(pid: int, out: str, variant: str) -> None:
+    """Runs in the measured child: one capture through the library, JSON result on stdout."""
+    import kdumpling.sinks
     from kdumpling.collectors.process import capture_process
 
+    digest = variant.startswith("digest")
+    if not variant.endswith("+wb"):
+        kdumpling.sinks._sync_file_range = None  # Writeback turns itself off without it
     started = time.monotonic()
-    snap, result = capture_process(pid, out, mode=mode, fsync=fsync)
+    snap, result = capture_process(pid, out, mode="consistent", fsync=True, sha256=digest)
+    sha = result.sha256 if digest else sha256_file(out)
     print(json.dumps({"pause": snap.pause_seconds, "elapsed": time.monotonic() - started,
-                      "bytes_out": result.bytes_out, "unreadable": len(snap.unreadable)}))
+                      "bytes_out": result.bytes_out, "sha256": sha}))
 
 
 def busy_seconds() -> float:
@@ -82,25 +116,35 @@ def wait_quiet(timeout: float, limit: float = 0.25) -> float:
             return load
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) \
-        -> tuple[float, int, str, float]:
-    """(wall seconds, peak RSS KiB, stdout, CPU seconds) of one child, via wait4 rusage."""
+def run_measured(cmds: list[list[str]], env: dict[str, str] | None = None) \
+        -> tuple[float, int, str, float, float]:
+    """Run ``cmds`` one after the other: (total wall seconds, peak RSS KiB of any, stdout of
+    the first, CPU seconds of all, wall seconds of the first), via wait4 rusage."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err[-2000:]}")
-    return wall, usage.ru_maxrss, out, usage.ru_utime + usage.ru_stime
+    first_wall = 0.0
+    rss, cpu, first_out = 0, 0.0, ""
+    for i, cmd in enumerate(cmds):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if i == 0:
+            first_wall = time.monotonic() - started
+        code = os.waitstatus_to_exitcode(status)
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        # exit 1: written with warnings (low-pause mode always says so)
+        if code not in (0, 1):
+            raise SystemExit(f"{cmd[0]} failed ({code}): {err[-2000:]}")
+        if i == 0:
+            first_out = out
+        rss = max(rss, usage.ru_maxrss)
+        cpu += usage.ru_utime + usage.ru_stime
+    return time.monotonic() - started, rss, first_out, cpu, first_wall
 
 
 def start_target(exe: Path, mib: int, threads: int) -> subprocess.Popen[bytes]:
     # the fixture has a main and an echo thread besides its workers
-    proc = subprocess.Popen([str(exe), "--threads", str(threads - 2), "--big-mib", str(mib)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    proc = subprocess.Popen([str(exe), "--threads", str(max(1, threads - 2)), "--big-mib",
+                             str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     assert proc.stdout is not None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -124,108 +168,124 @@ def check_released(pid: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mib", type=int, default=1024)
-    ap.add_argument("--threads", default="4,200")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mib", default="256,1024", help="sizes of touched memory, MiB")
+    ap.add_argument("--threads", default="4")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--ablation", action="store_true",
+                    help="also time the old agent steps and each way in separately")
     ap.add_argument("--outdir", default="/var/tmp")
     ap.add_argument("--quiet-timeout", type=float, default=30,
                     help="before each run, wait up to S s for the machine to go quiet")
-    ap.add_argument("--child", nargs=4, metavar=("PID", "OUT", "MODE", "FSYNC"),
+    ap.add_argument("--child", nargs=3, metavar=("PID", "OUT", "VARIANT"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child_main(int(args.child[0]), args.child[1], args.child[2], args.child[3] == "1")
+        child_main(int(args.child[0]), args.child[1], args.child[2])
         return
 
-    gcore = shutil.which("gcore")
-    gcc = shutil.which("gcc")
-    if not gcore or not gcc:
-        raise SystemExit("needs gcc and gcore (gdb)")
+    gcore, gcc, sync = shutil.which("gcore"), shutil.which("gcc"), shutil.which("sync")
+    if not gcore or not gcc or not sync:
+        raise SystemExit("needs gcc, gcore (gdb) and sync (coreutils)")
     work = Path(tempfile.mkdtemp(prefix="kdumpling-bench-", dir=args.outdir))
+    failed = False
     try:
         exe = work / "proc_target"
         subprocess.run([gcc, "-O2", "-g", "-pthread", "-o", str(exe), str(SOURCE)], check=True)
-        print(f"# {args.mib} MiB target, outputs in {work}, runs={args.runs}, "
-              f"python {sys.version.split()[0]}; gcore never fsyncs, so the compared runs do "
-              f"not either; '+fsync' shows what the agent's default durability costs")
-        for threads in (int(t) for t in args.threads.split(",")):
-            bench_threads(exe, work, args, gcore, threads)
+        print(f"# outputs in {work}, runs={args.runs}, python {sys.version.split()[0]}, "
+              f"{os.cpu_count()} CPUs; gcore+sync = gcore, then `sync CORE` (fsync); agent = "
+              f"`kdumpling-agent capture process PID -o DIR/` (fsync, sha256, record)")
+        for mib in (int(m) for m in args.mib.split(",")):
+            for threads in (int(t) for t in args.threads.split(",")):
+                failed |= not bench_one(exe, work, args, gcore, sync, mib, threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    sys.exit(1 if failed else 0)
 
 
-def bench_threads(exe: Path, work: Path, args: argparse.Namespace, gcore: str,
-                  threads: int) -> None:
-    target = start_target(exe, args.mib, threads)
+def bench_one(exe: Path, work: Path, args: argparse.Namespace, gcore: str, sync: str,
+              mib: int, threads: int) -> bool:
+    target = start_target(exe, mib, threads)
     pid = target.pid
     out = work / "core"
-    names = ("gcore", "consistent", "low-pause", "consistent+fsync")
+    store = work / "store"
+    names = ["gcore+sync", "agent", "low-pause"]
+    if args.ablation:
+        names += ["old", "digest", "digest+wb"]
     series = {name: Series(name) for name in names}
     me = [sys.executable, str(Path(__file__).resolve())]
+    agent = [str(AGENT), "capture", "process", str(pid), "-o", f"{store}/", "--json", "-q"]
     # An installed agent runs from compiled bytecode (pip writes the .pyc files), as gdb runs
-    # compiled: the child caches its bytecode in the work directory (the warm-up run fills it)
-    # even where PYTHONDONTWRITEBYTECODE is set, which would make every run compile kdumpling's
-    # modules from source (~90 ms here).
+    # compiled: the children cache their bytecode in the work directory (the warm-up run fills
+    # it) even where PYTHONDONTWRITEBYTECODE is set, which would make every run compile
+    # kdumpling's modules from source (~90 ms here).
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    try:
-        # warm-up: gdb's first start loads symbols from disk, our first import compiles .pyc
-        run_measured([gcore, "-o", str(out), str(pid)])
+
+    def clean() -> None:
         for leftover in work.glob("core*"):
             leftover.unlink()
-        run_measured([*me, "--child", str(pid), str(out), "consistent", "0"], env)
-        for _ in range(args.runs):
-            for name in series:
-                for leftover in work.glob("core*"):
-                    leftover.unlink()
+        shutil.rmtree(store, ignore_errors=True)
+
+    def run(name: str) -> Sample:
+        if name == "gcore+sync":
+            wall, rss, _, cpu, pause = run_measured(
+                [[gcore, "-o", str(out), str(pid)], [sync, f"{out}.{pid}"]], env)
+            size = Path(f"{out}.{pid}").stat().st_size
+            return Sample(wall, pause, rss, size, cpu)
+        if name in ("agent", "low-pause"):
+            cmd = agent + (["--mode", "low-pause"] if name == "low-pause" else [])
+            wall, rss, text, cpu, _ = run_measured([cmd], env)
+            info = json.loads(text)
+            return Sample(wall, info["pause_seconds"], rss, info["bytes_out"], cpu)
+        wall, rss, text, cpu, _ = run_measured([[*me, "--child", str(pid), str(out), name]],
+                                               env)
+        info = json.loads(text.strip().splitlines()[-1])
+        return Sample(wall, info["pause"], rss, info["bytes_out"], cpu)
+
+    try:
+        # warm-up: gdb's first start loads symbols from disk, our first import compiles .pyc
+        for name in names:
+            run(name)
+            clean()
+        for round_no in range(args.runs):
+            order = names if round_no % 2 == 0 else names[::-1]
+            for name in order:
+                clean()
                 # the last run's writeback must not land in this one (it costs CPU and disk)
                 os.sync()
                 wait_quiet(args.quiet_timeout)
                 busy0 = busy_seconds()
-                if name == "gcore":
-                    wall, rss, _, cpu = run_measured([gcore, "-o", str(out), str(pid)])
-                    files = list(work.glob("core*"))
-                    size = files[0].stat().st_size if files else 0
-                    # gcore (gdb attach) keeps the process stopped for its whole run
-                    sample = Sample(wall, wall, rss, size, cpu)
-                else:
-                    mode, _, sync = name.partition("+")
-                    wall, rss, text, cpu = run_measured(
-                        [*me, "--child", str(pid), str(out), mode, "1" if sync else "0"], env)
-                    info = json.loads(text.strip().splitlines()[-1])
-                    sample = Sample(wall, info["pause"], rss, info["bytes_out"], cpu)
+                sample = run(name)
                 # includes the kernel's writeback of our own output, so never quite 0
-                sample.bg = max(0.0, (busy_seconds() - busy0 - cpu) / wall)
+                sample.bg = max(0.0, (busy_seconds() - busy0 - sample.cpu) / sample.wall)
                 series[name].samples.append(sample)
                 check_released(pid)
-                for leftover in work.glob("core*"):
-                    leftover.unlink()
     finally:
         target.kill()
         target.wait()
-        for leftover in work.glob("core*"):
-            leftover.unlink()
+        clean()
 
-    g_wall = series["gcore"].median("wall")
-    print(f"\n## {threads} threads, {args.mib} MiB touched (median of {args.runs})")
-    print(f"{'method':<17} {'wall s':>7} {'x gcore':>8} {'CPU s':>6} {'pause ms':>9} "
-          f"{'peak RSS MB':>12} {'core MB':>8} {'bg':>5}")
+    base = series["gcore+sync"].median("wall")
+    print(f"\n## {mib} MiB touched, {threads} threads (median of {args.runs}, alternating)")
+    print(f"{'method':<11} {'wall s':>7} {'x gcore+sync':>13} {'CPU s':>6} {'pause ms':>9} "
+          f"{'peak RSS MB':>12} {'core MB':>8} {'bg':>5}  every run's wall s")
     for s in series.values():
         wall = s.median("wall")
-        pause = s.median("pause")
-        print(f"{s.name:<17} {wall:7.3f} {wall / g_wall:8.2f} {s.median('cpu'):6.2f} "
-              f"{pause * 1000:9.1f} {s.median('maxrss_kib') / 1024:12.1f} "
-              f"{s.median('out_bytes') / 2**20:8.1f} {s.median('bg'):5.2f}")
-    c, lp = series["consistent"], series["low-pause"]
+        print(f"{s.name:<11} {wall:7.3f} {wall / base:13.2f} {s.median('cpu'):6.2f} "
+              f"{s.median('pause') * 1000:9.1f} {s.median('maxrss_kib') / 1024:12.1f} "
+              f"{s.median('out_bytes') / 2**20:8.1f} {s.median('bg'):5.2f}  {s.walls()}")
+    a = series["agent"]
     verdicts = [
-        ("consistent wall <= 0.8x gcore", c.median("wall") <= 0.8 * g_wall),
-        ("low-pause wall <= 0.8x gcore", lp.median("wall") <= 0.8 * g_wall),
-        ("peak RSS < 100 MB", max(c.median("maxrss_kib"), lp.median("maxrss_kib")) < 100 * 1024),
+        ("agent wall <= 0.8x gcore+sync", a.median("wall") <= 0.8 * base),
+        ("peak RSS < 100 MB", max(a.median("maxrss_kib"),
+                                  series["low-pause"].median("maxrss_kib")) < 100 * 1024),
     ]
-    if threads <= 4:
-        verdicts.append(("low-pause pause < 50 ms", lp.median("pause") < 0.05))
+    if args.ablation:
+        verdicts.append(("agent pause <= old pause (+10% noise)",
+                         a.median("pause") <= 1.1 * series["old"].median("pause")))
     for text, ok in verdicts:
         print(f"  {'PASS' if ok else 'MISS'}  {text}")
+    return all(ok for _, ok in verdicts)
 
 
 if __name__ == "__main__":
