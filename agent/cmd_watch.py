@@ -36,12 +36,13 @@ from .common import (
 )
 from .progress import ProgressBar
 from .settings import CaptureSettings, Destination
-from .targets import OpenContext, Opened, ProcessTarget, Target, import_collector
+from .targets import ProcessTarget, import_collector
 from .triggers import (
     DEFAULT_COOLDOWN,
     DEFAULT_COUNT,
     DEFAULT_POLL,
     Fired,
+    Firing,
     Probe,
     Sample,
     TriggerSet,
@@ -146,7 +147,9 @@ class Watch:
                  dest: Destination) -> None:
         self.ctx, self.target, self.ts, self.dest = ctx, target, ts, dest
         self.pid = 0
+        self.label = target.label
         self.worst = 0
+        self._watch: Any = None  # SignalWatch while the process is traced
         interactive = not ctx.json and not ctx.quiet and sys.stderr.isatty()
         self.status = Status(interactive)
         self.interactive = interactive
@@ -223,8 +226,6 @@ class Watch:
             time.sleep(left)
 
     # -- signals ---------------------------------------------------------------------------
-    _watch: Any = None
-
     def _wait_signal_or_poll(self, next_poll: float) -> Fired | None:
         """Trace the process until a watched signal or the next poll; a signal's snapshot is
         taken here, while the signal is held, and None comes back."""
@@ -265,14 +266,7 @@ class Watch:
         if caught is None:
             self._close_watch()  # the collector seizes the threads itself
         t = self.target
-        pid = self.pid
-        kwargs = {k: v for k, v in (("mode", t.mode), ("filter_mask", t.filter),
-                                    ("size_cap", t.size_cap)) if v is not None}
-
-        def opener(_target: Target, _ctx: OpenContext) -> Opened:
-            mod = import_collector("process", "kdumpling.collectors.process")
-            return Opened(mod.ProcessCollector(pid, caught=caught, **kwargs), pid=pid,
-                          exe=processes.exe(pid))
+        opener = Firing(fired, caught, self.pid).opener(t)  # this PID, and the held signal
 
         bar = ProgressBar(t.label) if self.interactive else None
         annotations = dict(getattr(self.ctx.args, "annotate", []) or [])

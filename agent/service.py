@@ -35,16 +35,18 @@ from types import FrameType
 
 from kdumpling.errors import CaptureInterrupted, ConfigError, KdumplingError
 
+from . import metrics
 from .cancel import Cancel
 from .capture import capture
 from .config import AgentConfig, TargetConfig, load_config
 from .log import get_logger, kv
 from .record import CaptureResult
-from .service_when import Firing, WhenWatch
+from .service_when import WhenWatch
 from .settings import CaptureSettings, Destination
 from .store import default_store_dir, open_store
 from .systemd import Notifier
 from .targets import ProcessTarget
+from .triggers import Firing
 from .units import format_duration, format_size
 
 STALL_SECONDS = 600.0  # no progress for this long: stop feeding the watchdog, let systemd act
@@ -298,7 +300,7 @@ class Service:
         if firing is not None and isinstance(t.target, ProcessTarget):
             settings.opener = firing.opener(t.target)  # the PID that fired, the held signal
             settings.trigger = firing.fired.to_json()
-        code = 0
+        code, started, result = 0, time.time(), None
         try:
             with open_store(self._store_dir, create=True, spool=self.config.output.spool,
                             cancel=self.cancel) as store:
@@ -325,6 +327,9 @@ class Service:
             self._log_result(t.name, result)
         finally:
             self.capturing = None
+            metrics.observe(self.config, t.name, started, code,
+                            result.record if result is not None else None,
+                            abandoned=slot.last_result == "abandoned", store=self._store_dir)
         return code
 
     def _log_result(self, name: str, result: CaptureResult) -> None:

@@ -15,15 +15,14 @@ the loop comes back (every signal still reaches the process, in order).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import psutil
 from kdumpling.errors import KdumplingError, TargetGoneError
 
 from .log import get_logger
-from .targets import OpenContext, Opened, ProcessTarget, Target, import_collector
-from .triggers import Fired, Probe, Sample, TriggerSet, WhenSpec
+from .targets import ProcessTarget, import_collector
+from .triggers import Fired, Firing, Probe, Sample, TriggerSet, WhenSpec
 from .units import format_duration
 
 # The loop's longest sleep while a process is traced for signals: how long a signal may wait
@@ -31,31 +30,6 @@ from .units import format_duration
 # wake it reliably; see signal_watch.py); 0.05 s keeps an idle service near 0.5% of a core
 # (bench/bench_watch.py, case "service").
 SIGNAL_TURN = 0.05
-
-
-@dataclass
-class Firing:
-    """A trigger that fired, and the signal held for it (None for a polled trigger)."""
-
-    fired: Fired
-    caught: Any = None  # kdumpling.collectors.process.signal_watch.CaughtSignal
-    pid: int = 0
-    watch: Any = None  # the SignalWatch holding ``caught``
-
-    def opener(self, target: ProcessTarget) -> Any:
-        """The capture's collector: the PID that fired (not a fresh lookup by name) and, for a
-        signal, the held thread (releasing it delivers the signal)."""
-        kwargs = {k: v for k, v in (("mode", target.mode), ("filter_mask", target.filter),
-                                    ("size_cap", target.size_cap)) if v is not None}
-        pid, caught = self.pid, self.caught
-
-        def open_it(_target: Target, _ctx: OpenContext) -> Opened:
-            from . import processes
-            mod = import_collector("process", "kdumpling.collectors.process")
-            return Opened(mod.ProcessCollector(pid, caught=caught, **kwargs), pid=pid,
-                          exe=processes.exe(pid))
-
-        return open_it
 
 
 class WhenWatch:
@@ -200,4 +174,4 @@ class WhenWatch:
                 f"({ts.taken}/{ts.count} taken{tail})")
 
 
-__all__ = ["SIGNAL_TURN", "Firing", "WhenWatch"]
+__all__ = ["SIGNAL_TURN", "WhenWatch"]

@@ -12,7 +12,9 @@ is measured (psutil), and how many snapshots are taken how far apart.
 - ``TriggerSet``: the conditions, their streaks and the snapshot budget: ``count`` snapshots at
   least ``cooldown`` apart. Time comes from an injectable clock, so the cooldown is testable.
 - ``when_from_config`` / ``triggers_from_options``: the service's ``when = {...}`` table and the
-  ``watch`` command's options, parsed into one ``TriggerSet``.
+  ``watch`` command's options, parsed into one ``TriggerSet`` (``WhenSpec`` for the service).
+- ``Firing``: a trigger that fired, for ``capture()``: it opens the collector on the PID that fired
+  and, for a signal, on the thread held at its delivery stop.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 import psutil
 from kdumpling.errors import ConfigError, PermissionDeniedError, TargetGoneError, UsageError
 
+from . import processes
+from .targets import OpenContext, Opened, Opener, ProcessTarget, Target, import_collector
 from .units import format_duration, format_size, parse_duration, parse_size
 
 DEFAULT_POLL = 1.0
@@ -259,6 +263,30 @@ class TriggerSet:
         return ", ".join(parts)
 
 
+@dataclass
+class Firing:
+    """A trigger that fired, and the signal held for it (None for a polled trigger)."""
+
+    fired: Fired
+    caught: Any = None  # kdumpling.collectors.process.signal_watch.CaughtSignal
+    pid: int = 0
+    watch: Any = None  # the SignalWatch holding ``caught``
+
+    def opener(self, target: ProcessTarget) -> Opener:
+        """The capture's collector: the PID that fired (not a fresh lookup by name) and, for a
+        signal, the held thread (releasing it delivers the signal)."""
+        kwargs = {k: v for k, v in (("mode", target.mode), ("filter_mask", target.filter),
+                                    ("size_cap", target.size_cap)) if v is not None}
+        pid, caught = self.pid, self.caught
+
+        def open_it(_target: Target, _ctx: OpenContext) -> Opened:
+            mod = import_collector("process", "kdumpling.collectors.process")
+            return Opened(mod.ProcessCollector(pid, caught=caught, **kwargs), pid=pid,
+                          exe=processes.exe(pid))
+
+        return open_it
+
+
 def polls_for(for_seconds: float | None, poll: float) -> int:
     """Consecutive polls that cover ``for_seconds`` (at least one)."""
     if not for_seconds:
@@ -382,5 +410,5 @@ def when_from_config(table: Mapping[str, Any], where: str, *, count: int = DEFAU
 
 
 __all__ = ["DEFAULT_COOLDOWN", "DEFAULT_COUNT", "DEFAULT_POLL", "KINDS", "WHEN_KEYS", "Fired",
-           "Probe", "Sample", "Trigger", "TriggerSet", "WhenSpec", "polls_for",
+           "Firing", "Probe", "Sample", "Trigger", "TriggerSet", "WhenSpec", "polls_for",
            "triggers_from_options", "when_from_config"]
