@@ -35,7 +35,6 @@ from types import FrameType
 
 from kdumpling.errors import CaptureInterrupted, ConfigError, KdumplingError
 
-from . import metrics
 from .cancel import Cancel
 from .capture import capture
 from .config import AgentConfig, TargetConfig, load_config
@@ -300,7 +299,7 @@ class Service:
         if firing is not None and isinstance(t.target, ProcessTarget):
             settings.opener = firing.opener(t.target)  # the PID that fired, the held signal
             settings.trigger = firing.fired.to_json()
-        code, started, result = 0, time.time(), None
+        code = 0
         try:
             with open_store(self._store_dir, create=True, spool=self.config.output.spool,
                             cancel=self.cancel) as store:
@@ -327,9 +326,6 @@ class Service:
             self._log_result(t.name, result)
         finally:
             self.capturing = None
-            metrics.observe(self.config, t.name, started, code,
-                            result.record if result is not None else None,
-                            abandoned=slot.last_result == "abandoned", store=self._store_dir)
         return code
 
     def _log_result(self, name: str, result: CaptureResult) -> None:
