@@ -59,7 +59,7 @@ def _no_leftovers(store: Path) -> None:
 def test_cpu_trigger_names_itself_in_json_record_list_and_dump(
         target: wt.WatchTarget, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    proc = _watch([str(target.pid), "--cpu", "50", "--for", "0.6s", "--poll", "0.2s",
+    proc = _watch([str(target.pid), "--cpu", "25", "--for", "0.6s", "--poll", "0.2s",
                    "-o", f"{store}/", "--json"], tmp_path)
     time.sleep(1.0)
     assert proc.poll() is None, "fired while the process was idle"
@@ -69,17 +69,17 @@ def test_cpu_trigger_names_itself_in_json_record_list_and_dump(
     (snap,) = lines
     trigger = snap["trigger"]
     assert isinstance(trigger, dict)
-    assert trigger["kind"] == "cpu" and trigger["threshold"] == 50 and trigger["for"] == 0.6
-    assert trigger["value"] >= 50  # type: ignore[operator]
+    assert trigger["kind"] == "cpu" and trigger["threshold"] == 25 and trigger["for"] == 0.6
+    assert trigger["value"] >= 25  # type: ignore[operator]
     assert snap["pid"] == target.pid and snap["exit_code"] == 0
     with open_dump(str(snap["path"])) as dump:
         assert dump.annotations["trigger"].startswith("cpu ")
-        assert ">= 50% for 0.6s" in dump.annotations["trigger"]
+        assert ">= 25% for 0.6s" in dump.annotations["trigger"]
     sidecars = list(store.glob("*.json"))
     (record,) = [json.loads(p.read_text()) for p in sidecars if "trigger" in p.read_text()]
     assert record["trigger"] == trigger
     listed = run_agent(["list", "-D", str(store)], tmp_path)
-    assert "TRIGGER" in listed.stdout and f"cpu={trigger['value']}>=50" in listed.stdout
+    assert "TRIGGER" in listed.stdout and f"cpu={trigger['value']}>=25" in listed.stdout
     _no_leftovers(store)
     target.ask("idle", "idle")
     pt.assert_released(target.pid)

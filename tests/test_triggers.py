@@ -57,29 +57,30 @@ def _set(*triggers: Trigger, **kw: object) -> TriggerSet:
 
 # --- real processes -----------------------------------------------------------------------------
 def test_cpu_fires_only_after_the_spike_held_for_every_poll(target: wt.WatchTarget) -> None:
-    (cpu,) = triggers_from_options(cpu=50, for_=f"{3 * POLL}s", poll=POLL)
+    # 25%: a spinning thread gets more than that of a core even on a busy shared machine
+    (cpu,) = triggers_from_options(cpu=25, for_=f"{3 * POLL}s", poll=POLL)
     assert cpu.polls == 3
     probe = Probe(target.pid)
     ts = _set(cpu)
     assert _watch(probe, ts, 5) == (5, None)  # idle: never
     target.ask("spin", "spinning")
     n, fired = _watch(probe, ts, 40)
-    assert fired is not None, "a spinning process never reached 50% for 3 polls"
-    assert n >= 3 and fired.value >= 50  # type: ignore[attr-defined]
+    assert fired is not None, "a spinning process never reached 25% for 3 polls"
+    assert n >= 3 and fired.value >= 25  # type: ignore[attr-defined]
     record = fired.to_json()  # type: ignore[attr-defined]
-    assert record.pop("value") >= 50
-    assert record == {"kind": "cpu", "threshold": 50, "for": 3 * POLL}
+    assert record.pop("value") >= 25
+    assert record == {"kind": "cpu", "threshold": 25, "for": 3 * POLL}
 
 
 def test_cpu_below_fires_when_the_spin_stops(target: wt.WatchTarget) -> None:
     target.ask("spin", "spinning")
-    (below,) = triggers_from_options(cpu_below=20, for_=f"{2 * POLL}s", poll=POLL)
+    (below,) = triggers_from_options(cpu_below=5, for_=f"{2 * POLL}s", poll=POLL)
     probe = Probe(target.pid)
     ts = _set(below)
     assert _watch(probe, ts, 5) == (5, None)  # busy: a stall trigger stays quiet
     target.ask("idle", "idle")
     _n, fired = _watch(probe, ts, 20)
-    assert fired is not None and fired.value < 20  # type: ignore[attr-defined]
+    assert fired is not None and fired.value < 5  # type: ignore[attr-defined]
 
 
 def test_memory_fires_when_the_resident_set_grows(target: wt.WatchTarget) -> None:
