@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -17,6 +18,7 @@ from kdumpling import CompressionType, OutputFormat
 from kdumpling.errors import KdumplingError, UsageError
 from kdumpling.reader import open_dump
 
+from . import metrics
 from .cancel import Cancel
 from .capture import capture
 from .config import AgentConfig, load_config
@@ -230,7 +232,8 @@ def run_capture(ctx: Context, target: Target, output: str | None) -> int:
         ctx.config, options=cli_write_options(ctx.args),
         annotations=dict(getattr(ctx.args, "annotate", []) or []), progress=bar,
         cancel=ctx.cancel)
-    ctx.capturing = True
+    ctx.capturing, started = True, time.time()
+    result: CaptureResult | None = None
     try:
         result = capture(target, dest, settings)
     finally:
@@ -239,6 +242,7 @@ def run_capture(ctx: Context, target: Target, output: str | None) -> int:
             bar.close()
         if dest.store is not None:
             dest.store.close()
+        metrics.observe_cli(ctx.config, target, started, result, dest.store, sys.exc_info()[1])
     report(ctx, result)
     return result.exit_code
 

@@ -27,14 +27,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kdumpling.errors import ConfigError, KdumplingError
+from kdumpling.errors import CaptureInterrupted, ConfigError, KdumplingError
 
 from .log import get_logger
 
 if TYPE_CHECKING:  # the config imports this module: no import of it at run time
     from .config import AgentConfig
-    from .record import SnapshotRecord
+    from .record import CaptureResult, SnapshotRecord
     from .store import SnapshotStore
+    from .targets import Target
 
 RESULTS = ("ok", "incomplete", "failed")
 PREFIX = "kdumpling_"
@@ -52,7 +53,7 @@ GAUGES = {
 TOTAL = "snapshots"
 TOTAL_HELP = "Snapshot attempts of the target by result (ok, incomplete, failed)."
 STORE = {
-    "store_bytes": "Bytes the snapshots in the store occupy.",
+    "store_bytes": "Bytes the snapshots in the store occupy on disk (allocated, as du counts).",
     "store_snapshots": "Complete snapshots in the store.",
 }
 
@@ -254,7 +255,9 @@ def observe(config: AgentConfig, target: str, started: float, exit_code: int,
     attempt = None
     if not abandoned:  # asked to stop: no result
         pause = record.pause_seconds if record is not None else None
-        size = record.bytes_out if record is not None else None
+        # the file's size (a sparse ELF is larger than the bytes written); bytes_out without one
+        size = None if record is None else record.size if record.size is not None \
+            else record.bytes_out
         attempt = Attempt(target, result_of(exit_code) if record is not None else "failed",
                           started, max(0.0, time.time() - started), pause, size)
     try:
@@ -264,9 +267,24 @@ def observe(config: AgentConfig, target: str, started: float, exit_code: int,
                 update(path, attempt, opened)
         else:
             update(path, attempt)
-    except (OSError, ValueError, KdumplingError) as err:
+    except Exception as err:  # metrics never stop a capture or the service
         get_logger().warning("metrics: cannot write %s: %s", path, err)
 
 
-__all__ = ["Attempt", "MetricsConfig", "observe", "parse", "parse_metrics_table", "render",
-           "result_of", "update"]
+def observe_cli(config: AgentConfig, target: Target, started: float,
+                result: CaptureResult | None, store: SnapshotStore | None,
+                error: BaseException | None) -> None:
+    """``capture``'s hook (run_capture also converts, which is no snapshot attempt)."""
+    if target.type_name == "convert":
+        return
+    if result is not None:
+        observe(config, target.key, started, result.exit_code, result.record,
+                store=store.location if store is not None else None)
+        return
+    code = error.exit_code if isinstance(error, KdumplingError) else 70
+    observe(config, target.key, started, code,
+            abandoned=isinstance(error, CaptureInterrupted | KeyboardInterrupt))
+
+
+__all__ = ["Attempt", "MetricsConfig", "observe", "observe_cli", "parse", "parse_metrics_table",
+           "render", "result_of", "update"]

@@ -35,6 +35,7 @@ from types import FrameType
 
 from kdumpling.errors import CaptureInterrupted, ConfigError, KdumplingError
 
+from . import metrics
 from .cancel import Cancel
 from .capture import capture
 from .config import AgentConfig, TargetConfig, load_config
@@ -299,7 +300,8 @@ class Service:
         if firing is not None and isinstance(t.target, ProcessTarget):
             settings.opener = firing.opener(t.target)  # the PID that fired, the held signal
             settings.trigger = firing.fired.to_json()
-        code = 0
+        code, started = 0, time.time()
+        result: CaptureResult | None = None
         try:
             with open_store(self._store_dir, create=True, spool=self.config.output.spool,
                             cancel=self.cancel) as store:
@@ -326,6 +328,9 @@ class Service:
             self._log_result(t.name, result)
         finally:
             self.capturing = None
+            metrics.observe(self.config, t.name, started, code,
+                            result.record if result is not None else None,
+                            abandoned=slot.last_result == "abandoned", store=self._store_dir)
         return code
 
     def _log_result(self, name: str, result: CaptureResult) -> None:
