@@ -214,3 +214,17 @@ def test_terminal_shows_values_against_thresholds(target: wt.WatchTarget,
     assert "memory " in text and ">= 100.0 GiB" in text and "threads 1 >= 999" in text, text
     assert "0/1 taken" in text
     pt.assert_released(target.pid)
+
+
+def test_a_failing_capture_still_delivers_the_held_signal(target: wt.WatchTarget,
+                                                          tmp_path: Path) -> None:
+    taken = tmp_path / "taken.core"
+    taken.write_bytes(b"not ours")  # without -f the capture refuses to replace it
+    proc = _watch([str(target.pid), "--signal", "USR1", "-o", str(taken)], tmp_path)
+    wt.wait_for(lambda: pt.proc_status(target.pid)["TracerPid"] != "0", what="traced")
+    os.kill(target.pid, signal.SIGUSR1)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "exists; use --force" in err, err
+    assert target.handled() == f"handled {int(signal.SIGUSR1)} si_pid={os.getpid()} si_code=0"
+    pt.assert_released(target.pid)
+    assert taken.read_bytes() == b"not ours"
