@@ -380,3 +380,137 @@ def test_kdumpling_notes_of_both_numberings(tmp_path: Path) -> None:
         assert [kind for kind, _ in dump.kdumpling_notes] == [
             "METADATA", "ANNOTATIONS", "FILE_INFO", "ANNOTATIONS", "METADATA"]
         assert len(dump.cpus) == len(m.cpus)  # type 1 under KDUMPLING is no CPU
+
+
+# --- cut records, cut streams, flags without ranges (issue 10 item 6 follow-ups) ---------------
+
+
+def _crash_d1(path: Path) -> str:
+    """crash -d1 prints the header as it understood it (status flags, e_flags)."""
+    return subprocess.run([tool("crash"), "-d1", "--osrelease", str(path)], capture_output=True,
+                          text=True, timeout=120).stdout
+
+
+def _arrived(stream: bytes) -> list[tuple[int, int]]:
+    """Logical [start, end) ranges a flattened stream's records deliver, a cut last record up
+    to where it ends (makedumpfile.h makedumpfile_data_header: big-endian offset, size)."""
+    out, pos = [], FLAT_HEADER_SIZE
+    while pos + FLAT_RECORD.size <= len(stream):
+        offset, size = FLAT_RECORD.unpack_from(stream, pos)
+        if offset == -1:
+            break
+        got = min(size, len(stream) - pos - FLAT_RECORD.size)
+        if got > 0:
+            out.append((offset, offset + got))
+        pos += FLAT_RECORD.size + size
+    return out
+
+
+def _inside(ranges: list[tuple[int, int]], a: int, b: int) -> bool:
+    return any(lo <= a and b <= hi for lo, hi in ranges)
+
+
+@pytest.fixture(scope="module")
+def big_flat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """makedumpfile -F of the bigger machine: descriptors and page data in alternating
+    records of about 64 KiB (the small one writes all page data before its descriptors)."""
+    d = tmp_path_factory.mktemp("bigflat")
+    elf, flat, normal = d / "big.elf", d / "big.flat", d / "big.kdump"
+    td.pack_elf_vmcore(elf, td.x86_64_machine())
+    td.makedumpfile(["-F", "-c", "-d", "1", str(elf)], stdout=flat)
+    with flat.open("rb") as stream:
+        subprocess.run([tool("makedumpfile"), "-R", str(normal)], stdin=stream, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return {"flat": flat, "normal": normal}
+
+
+def _record_cuts(stream: bytes) -> list[int]:
+    """Cut points inside records: a third into every record bigger than a page but the first
+    few (header, sub-header, bitmaps), and 3 bytes into a descriptor of the last record."""
+    cuts, pos, records = [], FLAT_HEADER_SIZE, []
+    while True:
+        offset, size = FLAT_RECORD.unpack_from(stream, pos)
+        if offset == -1:
+            break
+        records.append((pos, offset, size))
+        pos += FLAT_RECORD.size + size
+    for rpos, _, size in records[5:]:
+        if size > PAGE:
+            cuts.append(rpos + FLAT_RECORD.size + size // 3)
+    last = records[-1][0] + FLAT_RECORD.size
+    cuts.append(last + PAGE_DESC["<"].size * 7 + 3)
+    return cuts
+
+
+@pytest.mark.parametrize("which", ["small", "big"])
+def test_flattened_cut_record_keeps_what_arrived(src: dict[str, Path], big_flat: dict[str, Path],
+                                                 tmp_path: Path, which: str) -> None:
+    """A stream made by makedumpfile -F, cut inside a record at several points: every page
+    whose descriptor and data arrived reads as libkdumpfile reads it from the whole file
+    (makedumpfile -R's), exactly the others are missing, and the conversion keeps the former.
+    (makedumpfile -R itself cannot serve: on a cut stream it waits 10 minutes for more.)"""
+    if which == "small":
+        flat = src["flat"]
+        normal = tmp_path / "small.kdump"
+        with flat.open("rb") as stream:
+            subprocess.run([tool("makedumpfile"), "-R", str(normal)], stdin=stream, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    else:
+        flat, normal = big_flat["flat"], big_flat["normal"]
+    full = flat.read_bytes()
+    whole = normal.read_bytes()
+    desc_off = _desc_off(normal)
+    kd = kdumpfile_module()
+    ctx = lkf_open(str(normal))
+    pfns = sorted(_pages(normal))  # one descriptor per dumped page, in PFN order
+    ref = {p: bytes(ctx.read(kd.KDUMP_MACHPHYSADDR, p * PAGE, PAGE)) for p in pfns}
+    size = PAGE_DESC["<"].size
+    cuts = _record_cuts(full)
+    assert len(cuts) >= (1 if which == "small" else 4)
+    for n, cut in enumerate(cuts):
+        arrived = _arrived(full[:cut])
+        expect = set()
+        for i, pfn in enumerate(pfns):
+            at = desc_off + i * size
+            offset, length, _, _ = PAGE_DESC["<"].unpack_from(whole, at)
+            if _inside(arrived, at, at + size) and _inside(arrived, offset, offset + length):
+                expect.add(pfn)
+        path = tmp_path / f"cut{n}.flat"
+        path.write_bytes(full[:cut])
+        with open_dump(path) as dump:
+            assert dump.incomplete
+            assert _pfns(dump.missing) == set(pfns) - expect, f"cut at {cut:#x}"
+            got = dict(dump.iter_pages())
+            assert got == {p: ref[p] for p in expect}, f"cut at {cut:#x}"
+            if expect:
+                _converted(dump, ref, set(pfns) - expect, tmp_path / f"out{n}.kdump", "kdump")
+    # the cuts inside a record are worth something: pages of a cut record do arrive
+    assert expect or which == "small"
+
+
+def test_reassemble_cut_stream_keeps_what_arrived(big_flat: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    """reassemble_flattened_into on a cut stream writes every byte that arrived, the cut
+    record's too, then raises: the file holds what arrived where the records put it."""
+    import os
+
+    from kdumpling.errors import FormatError
+    from kdumpling.reader import reassemble_flattened_into
+
+    full = big_flat["flat"].read_bytes()
+    whole = big_flat["normal"].read_bytes()
+    cut = _record_cuts(full)[1]
+    out = tmp_path / "rebuilt"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    (tmp_path / "cut.flat").write_bytes(full[:cut])
+    try:
+        with open(tmp_path / "cut.flat", "rb") as stream, \
+                pytest.raises(FormatError, match="middle of the record data"):
+            reassemble_flattened_into(stream, fd)
+    finally:
+        os.close(fd)
+    rebuilt = out.read_bytes()
+    arrived = _arrived(full[:cut])
+    assert len(rebuilt) == max(b for _, b in arrived)
+    for a, b in arrived:
+        assert rebuilt[a:b] == whole[a:b]

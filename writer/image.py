@@ -38,10 +38,10 @@ class CoreImage:
     # virtual for process cores). Non-empty: every writer marks its output incomplete. Writers
     # look at it when they finish, so a source may append to it while it is being read.
     missing: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def incomplete(self) -> bool:
-        return bool(self.missing)
+    # The source says it lacks data without naming where (kdump DUMP_DH_COMPRESSED_INCOMPLETE,
+    # ELF e_flags DUMP_ELF_INCOMPLETE, a flattened stream without its end marker): writers mark
+    # their output incomplete when ``missing or incomplete``.
+    incomplete: bool = False
 
     @property
     def vmcoreinfo_fields(self) -> dict[str, str]:

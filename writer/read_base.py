@@ -88,6 +88,10 @@ class Blob:
     def pread(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
+    def undelivered(self, offset: int, length: int) -> bool:
+        """True when the bytes at [offset, offset + length) are not all in the file."""
+        return offset + length > self.size
+
 
 class FileBlob(Blob):
     def __init__(self, fd: int, path: str) -> None:
@@ -151,13 +155,22 @@ class StreamIn:
 
     def read_into_new(self, n: int, what: str = "data") -> bytearray:
         """``n`` bytes in a new buffer, without the extra copy into ``bytes`` (memory data)."""
+        buf = self.read_upto(n)
+        if len(buf) < n:
+            raise FormatError(f"stream ended in the middle of the {what}", self.pos)
+        return buf
+
+    def read_upto(self, n: int) -> bytearray:
+        """``n`` bytes, or fewer when the stream ends first: every byte that arrived."""
         buf = bytearray(n)
         view = memoryview(buf)
         done = 0
         while done < n:
             got = self._fill(view[done:])
             if not got:
-                raise FormatError(f"stream ended in the middle of the {what}", self.pos)
+                del view
+                del buf[done:]
+                break
             done += got
         return buf
 

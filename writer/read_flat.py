@@ -22,7 +22,9 @@ class FlatBlob(Blob):
     """The rearranged view of a flattened file, from an in-memory map of its records.
 
     Records are applied in file order, so a later record overrides an earlier one at the same
-    offset, as ``makedumpfile -R`` does. Bytes no record covers read as zeros (a hole).
+    offset, as ``makedumpfile -R`` does. Bytes no record covers read as zeros (a hole). A file
+    cut short (no end marker) keeps every byte that arrived, of a cut last record too;
+    ``undelivered`` then tells what did not arrive from what is a hole.
     """
 
     def __init__(self, fd: int, path: str, warnings: list[str]) -> None:
@@ -44,10 +46,15 @@ class FlatBlob(Blob):
                     f"flattened record with offset {offset} and size {size}", pos, path
                 )
             if pos + FLAT_RECORD.size + size > total:
+                arrived = total - pos - FLAT_RECORD.size
                 warnings.append(
                     f"flattened record at offset {pos:#x} runs past the end of the file "
-                    "(the dump was cut short); its data is ignored"
+                    f"(the dump was cut short): {arrived} of its {size} bytes arrived"
                 )
+                if arrived:
+                    starts.append(offset)
+                    ends.append(offset + arrived)
+                    srcs.append(pos + FLAT_RECORD.size)
                 break
             if size:
                 starts.append(offset)
@@ -98,6 +105,15 @@ class FlatBlob(Blob):
         for _, take, src in self.fragments(offset, min(length, self.size - offset)):
             out += bytes(take) if src is None else self._file.pread(src, take)
         return bytes(out)
+
+    def undelivered(self, offset: int, length: int) -> bool:
+        """True when part of [offset, offset + length) lies past the end or, in a stream cut
+        short, in a hole: a range the stream had not delivered yet, not one it left empty."""
+        if offset + length > self.size:
+            return True
+        if self.ended or length <= 0:
+            return False
+        return any(src is None for _, _, src in self.fragments(offset, length))
 
     def fragments(self, offset: int, length: int) -> list[tuple[int, int, int | None]]:
         """(logical offset, length, source file offset or None for a hole) covering the range."""
@@ -166,7 +182,9 @@ def reassemble_flattened(src: BinaryIO | int, dst_path: str | os.PathLike[str]) 
 def reassemble_flattened_into(src: BinaryIO | int, fd: int, name: str = "<file>") -> int:
     """Apply a flattened stream's records to the open file ``fd``; returns the file's size.
 
-    Reads up to the end marker (makedumpfile.h END_FLAG_FLAT_HEADER), not further.
+    Reads up to the end marker (makedumpfile.h END_FLAG_FLAT_HEADER), not further. A stream
+    that ends before it raises FormatError after writing every byte that arrived, of a cut
+    record too (the caller may read what ``fd`` holds; ``open_dump`` names what it lacks).
     """
     reader = StreamIn(src)
     head = reader.read_exact(FLAT_HEADER_SIZE)
@@ -183,17 +201,23 @@ def reassemble_flattened_into(src: BinaryIO | int, fd: int, name: str = "<file>"
         if offset < 0 or length < 0:
             raise FormatError(f"flattened record with offset {offset} and size {length}", pos)
         while length:
-            part = reader.read_exact(min(length, COPY), what="record data")
+            want = min(length, COPY)
+            part = reader.read_upto(want)  # short only where the stream ended
             _pwrite_all(fd, part, offset, name)
             offset += len(part)
             length -= len(part)
             size = max(size, offset)
+            if len(part) < want:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                raise FormatError(f"stream ended in the middle of the record data, {length} "
+                                  f"bytes short (record at {pos:#x})", reader.pos)
     if os.fstat(fd).st_size < size:
         os.ftruncate(fd, size)
     return size
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int, name: str) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, name: str) -> None:
     view = memoryview(data)
     try:
         while view:

@@ -70,8 +70,11 @@ class KdumpDump(Dump):
         self._desc_cache: tuple[int, bytes] | None = None
         self._shared: dict[tuple[int, int, int], bytes] = {}
         self._truncation_noted = False
+        # A flattened stream cut short: a hole may be data that never arrived, so every
+        # descriptor and page is checked against what did (FlatBlob.undelivered).
+        self._cut = isinstance(self._blob, FlatBlob) and not self._blob.ended
         self._parse()
-        if isinstance(self._blob, FlatBlob) and not self._blob.ended:
+        if self._cut:
             self.header["incomplete"] = True
         self._codec = PageDecoder(self.page_size)
 
@@ -307,7 +310,8 @@ class KdumpDump(Dump):
             stop = min(first + count, (block + 1) * _DESC_BLOCK)
             for i in range(pos, stop):
                 rel = (i - block * _DESC_BLOCK) * size
-                if rel + size <= len(data):
+                if rel + size <= len(data) and not (
+                        self._cut and self._blob.undelivered(self._desc_off + i * size, size)):
                     out.append(unpack(data, rel))
                 else:
                     out.append((0, 0, 0, 0))
@@ -334,7 +338,7 @@ class KdumpDump(Dump):
                             where)
         if offset < 0:
             raise self._err(f"page {pfn:#x}: negative data offset {offset}", where)
-        if offset + size > self._blob.size:
+        if self._blob.undelivered(offset, size):
             # A dump cut short (ENOSPC, a killed producer): the page was never written.
             if not self._truncation_noted:
                 self._truncation_noted = True
@@ -443,7 +447,8 @@ class KdumpDump(Dump):
 
     def _find_missing(self) -> list[tuple[int, int]]:
         """Pages whose descriptor lies past the end of the file, was never written (offset 0:
-        makedumpfile leaves it so in a dump it cut short) or points past the end of the file."""
+        makedumpfile leaves it so in a dump it cut short) or points past the end of the file;
+        in a flattened stream cut short, also those whose descriptor or data never arrived."""
         ps = self.page_size
         limit = self._blob.size
         swap = self.endian != ("<" if sys.byteorder == "little" else ">")
@@ -464,12 +469,16 @@ class KdumpDump(Dump):
                 if swap:
                     words.byteswap()
                 offsets = words[0::3]
-                if min(offsets) > 0 and max(offsets) <= limit - ps:
+                if min(offsets) > 0 and max(offsets) <= limit - ps and not self._cut:
                     continue
                 unpack = PAGE_DESC[self.endian].unpack_from
+                desc_at = self._desc_off + (first + pfn - a) * _DESC_SIZE
                 for k in range(have):
                     offset, size, _, _ = unpack(raw, k * _DESC_SIZE)
-                    if offset == 0 or (offset > 0 and 0 < size <= ps and offset + size > limit):
+                    if offset == 0 or (offset > 0 and 0 < size <= ps and offset + size > limit) \
+                            or (self._cut and (
+                                self._blob.undelivered(desc_at + k * _DESC_SIZE, _DESC_SIZE)
+                                or (offset > 0 and self._blob.undelivered(offset, size)))):
                         found.append((pfn + k, pfn + k + 1))
         pfns = merge_ranges(found)
         if pfns:
@@ -518,7 +527,7 @@ class KdumpDump(Dump):
             uts_version=uts_version if isinstance(uts_version, str) and uts_version else "#1",
             phys_base=phys_base if use_header and isinstance(phys_base, int) else None,
             extra={"source_format": self.format, "source": self.path},
-            missing=list(self.missing),
+            missing=list(self.missing), incomplete=self.incomplete,
         )
 
     def _run_source(self, first_pfn: int, npages: int, first_index: int) -> SegmentSource:
