@@ -60,8 +60,10 @@ def _matches(info: dict[str, object], name: str) -> bool:
     argv0 = os.path.basename(str(cmdline[0])) if isinstance(cmdline, list) and cmdline else ""
     if comm_name == name:
         return True
-    if len(name) > TASK_COMM_LEN and comm_name == name[:TASK_COMM_LEN]:
-        return argv0 == name
+    # psutil's name is the comm, or the command line's longer name when the comm is its first
+    # 15 bytes: those 15 bytes (what ps and /proc/PID/comm show) still name the process
+    if len(name) == TASK_COMM_LEN and comm_name[:TASK_COMM_LEN] == name:
+        return True
     return argv0 == name
 
 
