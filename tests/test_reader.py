@@ -389,9 +389,11 @@ def test_elf_stream_truncated(built: Built, tmp_path: Path) -> None:
     t.start()
     try:
         image = read_elf_stream(r)
-        with pytest.raises(SourceReadError, match="ended early"):
-            for seg in image.segments:
-                seg.source.read(0, seg.size)
+        # what did not arrive reads as zeros and is named (test_reader_missing.py checks it
+        # byte for byte against drgn and libkdumpfile)
+        for seg in image.segments:
+            seg.source.read(0, seg.size)
+        assert image.missing
     finally:
         t.join()
         os.close(r)

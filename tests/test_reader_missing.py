@@ -10,6 +10,7 @@ same pages back (and fail on the ones we call missing), pyelftools reads the ELF
 
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 import warnings
@@ -514,3 +515,126 @@ def test_reassemble_cut_stream_keeps_what_arrived(big_flat: dict[str, Path],
     assert len(rebuilt) == max(b for _, b in arrived)
     for a, b in arrived:
         assert rebuilt[a:b] == whole[a:b]
+
+
+def _elf_loads(path: Path) -> list[tuple[int, int, int, int]]:
+    """(p_offset, p_filesz, p_memsz, p_paddr) of every PT_LOAD, as pyelftools reads them."""
+    from elftools.elf.elffile import ELFFile
+
+    with path.open("rb") as f:
+        return [(s["p_offset"], s["p_filesz"], s["p_memsz"], s["p_paddr"])
+                for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
+
+
+def test_elf_stream_cut_short(src: dict[str, Path], tmp_path: Path) -> None:
+    """An ELF vmcore on a pipe that ends in the middle of a page of its last PT_LOADs: every
+    byte that arrived is written (drgn reads the same bytes from the whole file, libkdumpfile
+    from the output), exactly what did not arrive is named missing, and the output says
+    incomplete (crash -d1)."""
+    import os
+    import threading
+
+    from kdumpling.reader import open_elf_stream
+
+    full = src["elf"].read_bytes()
+    cut = len(full) - 5 * PAGE - 123
+    lost = sorted((paddr + max(cut, off) - off, paddr + filesz)
+                  for off, filesz, _, paddr in _elf_loads(src["elf"])
+                  if filesz and off + filesz > cut)
+    assert lost
+    r, w = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(w, "wb") as f:
+            f.write(full[:cut])
+
+    t = threading.Thread(target=feed)
+    t.start()
+    out = tmp_path / "out.kdump"
+    try:
+        reader = open_elf_stream(r)
+        result = write_dump(reader.image, out, format="kdump", compression="zlib",
+                            dump_level=0)
+    finally:
+        t.join()
+        os.close(r)
+    assert result.missing == lost and result.incomplete
+    assert any("stream ended" in w for w in reader.warnings)
+    prog = drgn_program(str(src["elf"]))
+    first = lost[0][0]
+    kd = kdumpfile_module()
+    ctx = lkf_open(str(out))
+    for addr in (first - 2 * PAGE, first - first % PAGE):  # in the last region
+        assert bytes(ctx.read(kd.KDUMP_MACHPHYSADDR, addr, first - addr)) == \
+            bytes(prog.read(addr, first - addr, True))
+    with open_dump(out) as back:
+        assert back.incomplete
+    assert "DUMP_DH_COMPRESSED_INCOMPLETE" in _crash_d1(out)
+
+
+def test_elf_cut_short_image_leaves_the_lost_tail_out(src: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """to_image of an ELF file cut short: no segment's p_memsz reaches into what is missing
+    (it would read back as zeros, gABI), so drgn finds no memory there in the ELF output,
+    and reads the bytes before the cut as from the whole file."""
+    drgn = pytest.importorskip("drgn")  # tests/readers.py fails instead where drgn is required
+    full = src["elf"].read_bytes()
+    path = tmp_path / "cut.elf"
+    path.write_bytes(full[: len(full) - 3 * PAGE - 100])
+    with open_dump(path) as dump:
+        missing = dump.missing
+        assert missing
+        image = dump.to_image()
+        for seg in image.segments:
+            assert all(seg.phys_addr + seg.memsz <= a or b <= seg.phys_addr
+                       for a, b in missing)
+        out = tmp_path / "out.elf"
+        write_dump(image, out, format="elf")
+    for _, _, memsz, paddr in _elf_loads(out):
+        assert all(paddr + memsz <= a or b <= paddr for a, b in missing)
+    prog, whole = drgn_program(str(out)), drgn_program(str(src["elf"]))
+    a = missing[0][0]
+    assert bytes(prog.read(a - 2 * PAGE, 2 * PAGE, True)) == \
+        bytes(whole.read(a - 2 * PAGE, 2 * PAGE, True))
+    with pytest.raises(drgn.FaultError):
+        prog.read(a, 1, True)
+
+
+def _flagged(src: dict[str, Path], tmp_path: Path, source: str) -> Path:
+    """An intact dump whose header says incomplete: no range can be named."""
+    if source == "elf":
+        data = bytearray(src["elf"].read_bytes())
+        struct.pack_into("<I", data, 48, DUMP_ELF_INCOMPLETE)  # e_flags
+    elif source == "kdump":
+        data = bytearray(src["kdump"].read_bytes())
+        status = struct.unpack_from("<I", data, 424)[0]
+        struct.pack_into("<I", data, 424, status | DUMP_DH_COMPRESSED_INCOMPLETE)
+    else:
+        data = bytearray(src["flat"].read_bytes()[:-16])  # no end marker
+    path = tmp_path / f"flagged.{source}"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("out_fmt", ["elf", "kdump"])
+@pytest.mark.parametrize("source", ["elf", "kdump", "flat"])
+def test_incomplete_without_ranges_carries_into_conversion(
+        src: dict[str, Path], tmp_path: Path, source: str, out_fmt: str) -> None:
+    """A dump marked incomplete with every promised page present: the image says
+    incomplete, the writers mark the output (crash -d1 reads the mark) and
+    WriteResult.incomplete is true though no range is missing."""
+    path = _flagged(src, tmp_path, source)
+    out = tmp_path / f"out.{out_fmt}"
+    with open_dump(path) as dump:
+        assert dump.incomplete and dump.missing == []
+        image = dump.to_image()
+        assert image.incomplete and image.missing == []
+        result = write_dump(image, out, format=out_fmt)
+    assert result.incomplete and result.missing == []
+    with open_dump(out) as back:
+        assert back.incomplete and back.missing == []
+    shown = _crash_d1(out)
+    if out_fmt == "kdump":
+        assert "DUMP_DH_COMPRESSED_INCOMPLETE" in shown, shown[-2000:]
+    else:
+        assert re.search(r"e_flags: 1\b", shown), shown[-2000:]

@@ -263,6 +263,8 @@ def write_kdump(
         # last byte (not a hole) also reaches the end of a reassembled flattened stream.
         sink.write_at(data_off - 1, b"\0")
     # Ranges the sources could not read keep the flag set (makedumpfile sets it on a dump it had
-    # to cut short: check_and_modify_kdump_headers); crash warns on it.
-    sink.write_at(0, header(codec.flag | (DUMP_DH_COMPRESSED_INCOMPLETE if image.missing else 0)))
+    # to cut short: check_and_modify_kdump_headers), and so does a source that says it lacks
+    # data without naming where (image.incomplete); crash warns on it.
+    marked = image.missing or image.incomplete
+    sink.write_at(0, header(codec.flag | (DUMP_DH_COMPRESSED_INCOMPLETE if marked else 0)))
     return stats

@@ -57,10 +57,9 @@ class WriteResult:
     # write_dump(sha256=True): the sha256 (hex) of every byte written (a flattened stream's
     # bytes as sent), hashed while writing; None when not asked for or not computable.
     sha256: str | None = None
-
-    @property
-    def incomplete(self) -> bool:
-        return bool(self.missing)
+    # The output is marked incomplete: ``missing`` is not empty, or the image said its source
+    # lacks data it cannot name (CoreImage.incomplete).
+    incomplete: bool = False
 
 
 ProgressCallback = Callable[[int, int], None]
@@ -193,6 +192,7 @@ def _run(image: CoreImage, sink: Sink, fmt: OutputFormat, ctype: CompressionType
         for seg in image.segments:
             seg.source.close()
     result.missing = list(image.missing)
+    result.incomplete = bool(image.missing) or image.incomplete
     if fmt is OutputFormat.KDUMP_FLATTENED:
         # The stream also carries the 4 KiB header, 16 bytes per record and the end marker.
         result.bytes_out = sink.bytes_written

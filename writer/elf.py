@@ -98,8 +98,9 @@ def write_elf(
     ``zero_holes``: skip writing all-zero pages (a sparse file). Default: on for process cores
     when the sink can make holes. The header first goes out with DUMP_ELF_INCOMPLETE set and is
     rewritten at the end, so a file cut short says so (seekable sinks only); the final header
-    keeps the flag when ``image.missing`` names ranges that could not be read. A stream gets one
-    header, flagged if ``image.missing`` is already non-empty when writing starts.
+    keeps the flag when ``image.missing`` names ranges that could not be read or
+    ``image.incomplete`` says the source lacks data. A stream gets one header, flagged if either
+    holds when writing starts.
     An image without segments or notes is a bare ELF header (no program headers, as the seed's
     writer made it). A kernel dump with notes but no memory gets one PT_LOAD of size 0 after its
     PT_NOTE: crash takes an ELF file for a vmcore only with e_phnum >= 2 (netdump.c
@@ -152,7 +153,8 @@ def write_elf(
     head = bytearray()
     live_incomplete = mark_incomplete and sink.seekable
     head += pack_ehdr(endian, image.arch.machine, phnum, phoff, shoff,
-                      DUMP_ELF_INCOMPLETE if live_incomplete or image.missing else 0)
+                      DUMP_ELF_INCOMPLETE if live_incomplete or image.missing or image.incomplete
+                      else 0)
     head += phdrs
     if xnum:
         # Section header 0 carries the real program header count (gABI "Extended numbering").
@@ -160,7 +162,8 @@ def write_elf(
     head += notes
     # the digest hashes the header the final rewrite (below) will put there
     final = pack_ehdr(endian, image.arch.machine, phnum, phoff, shoff,
-                      DUMP_ELF_INCOMPLETE if image.missing else 0) + head[EHDR_SIZE:]
+                      DUMP_ELF_INCOMPLETE if image.missing or image.incomplete else 0
+                      ) + head[EHDR_SIZE:]
     sink.write_at(0, head, final=final if live_incomplete else None)
     if data_off > len(head):
         sink.hole(len(head), data_off - len(head))
@@ -178,7 +181,8 @@ def write_elf(
         sink.hole(sink.size, file_size - sink.size)
     if live_incomplete:
         sink.write_at(0, pack_ehdr(endian, image.arch.machine, phnum, phoff, shoff,
-                                   DUMP_ELF_INCOMPLETE if image.missing else 0))
+                                   DUMP_ELF_INCOMPLETE if image.missing or image.incomplete
+                                   else 0))
     return file_size
 
 

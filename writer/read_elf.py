@@ -318,7 +318,7 @@ class ElfDump(Dump):
             raise UsageError("the dump is closed")
         segs: list[MemorySegment] = []
         ranges = self._map if self.kind is DumpKind.KERNEL else _file_order(self)
-        for rng in ranges:
+        for rng in _without(ranges, self.missing):
             src = FdRangeSource(self._fd, rng.file_offset, rng.data_end - rng.start,
                                 name=self.path)
             segs.append(MemorySegment(
@@ -330,7 +330,7 @@ class ElfDump(Dump):
             arch=self.arch, kind=self.kind, segments=segs, notes=self._image_notes(),
             vmcoreinfo=self.vmcoreinfo, page_size=self.page_size, crash_time=None,
             extra={"source_format": self.format, "source": self.path},
-            missing=list(self.missing),
+            missing=list(self.missing), incomplete=self.incomplete,
         )
 
 
@@ -374,6 +374,37 @@ def build_map(segments: list[DumpSegment], virtual: bool) -> list[Range]:
             ))
     placed.sort(key=lambda r: r.start)
     return placed
+
+
+def _without(ranges: list[Range], missing: list[tuple[int, int]]) -> list[Range]:
+    """``ranges`` with the ``missing`` addresses cut out. A PT_LOAD cut short by the end of its
+    file keeps its readable bytes; the part the file promised but lacks is left out rather
+    than kept in p_memsz, where it would read back as zeros (gABI: p_memsz past p_filesz is
+    zero-filled) and pass memory the file never had off as zeros. A part the PT_LOAD itself
+    declares not dumped (past its p_filesz) stays."""
+    if not missing:
+        return ranges
+    starts = [a for a, _ in missing]
+    out: list[Range] = []
+    for rng in ranges:
+        pos = rng.start
+        idx = max(bisect.bisect_right(starts, pos) - 1, 0)
+        while pos < rng.end:
+            while idx < len(missing) and missing[idx][1] <= pos:
+                idx += 1
+            if idx < len(missing) and missing[idx][0] <= pos:
+                pos = min(rng.end, missing[idx][1])
+                continue
+            stop = min(rng.end, missing[idx][0]) if idx < len(missing) else rng.end
+            delta = pos - rng.start
+            out.append(Range(
+                start=pos, end=stop, data_end=max(pos, min(stop, rng.data_end)),
+                file_offset=rng.file_offset + delta,
+                virt_addr=None if rng.virt_addr is None else rng.virt_addr + delta,
+                phys_addr=rng.phys_addr + delta, flags=rng.flags,
+            ))
+            pos = stop
+    return out
 
 
 def _file_order(dump: ElfDump) -> list[Range]:

@@ -19,7 +19,7 @@ from .notes import (
     iter_notes,
     parse_vmcoreinfo,
 )
-from .read_base import COPY, QEMU_NOTE_NAME, DumpSegment, StreamIn
+from .read_base import COPY, QEMU_NOTE_NAME, DumpSegment, Range, StreamIn, merge_ranges
 from .read_elf import build_map, parse_ehdr
 from .segments import CallableSource, MemorySegment
 
@@ -35,6 +35,12 @@ class ElfStreamReader:
     PT_LOADs in ascending guest-physical order (dump/dump.c: dump_iterate walks the sorted
     guest_phys_blocks, the same list write_elf_loads used), which is the order the kdump
     writer reads in. Call ``drain()`` when done so the producer sees its whole dump consumed.
+
+    A stream that ends before the data its program headers promise (the producer died) keeps
+    every byte that arrived: the rest reads as zeros and is named in ``image.missing``
+    (physical addresses, virtual for process cores) and in ``warnings`` as soon as the end is
+    met, so the writers, which look at ``missing`` when they finish, mark their output
+    incomplete. A header flagged DUMP_ELF_INCOMPLETE makes ``image.incomplete`` true.
     """
 
     def __init__(self, stream: BinaryIO | int, *, name: str = "<stream>",
@@ -45,6 +51,8 @@ class ElfStreamReader:
         self._lock = threading.Lock()
         self._last: tuple[int, bytes | bytearray] = (0, b"")
         self._head = bytearray()
+        self.ended_at: int | None = None  # where the stream ended short of its data, if it did
+        self._ranges: list[Range] = []
         self._parse(max_header)
 
     def _need(self, end: int, max_header: int, what: str) -> None:
@@ -96,7 +104,8 @@ class ElfStreamReader:
             any(n.name == CORE_NOTE_NAME and n.type in (NT_PRPSINFO, NT_FILE, NT_AUXV)
                 for n in notes)
         kind = DumpKind.PROCESS if process else DumpKind.KERNEL
-        if e_flags & layout.DUMP_ELF_INCOMPLETE:
+        incomplete = bool(e_flags & layout.DUMP_ELF_INCOMPLETE)
+        if incomplete:
             self.warnings.append("ELF e_flags has DUMP_ELF_INCOMPLETE")
         ranges = build_map(loads, process)
         # The stream is read in file order; that must also be the address order the writers use.
@@ -108,6 +117,7 @@ class ElfStreamReader:
                 "keeps the given order, can consume this stream"
             )
             ranges = by_file
+        self._ranges = ranges
         segs = []
         for rng in ranges:
             segs.append(MemorySegment(
@@ -123,6 +133,7 @@ class ElfStreamReader:
         self.image = CoreImage(
             arch=arch, kind=kind, segments=segs, notes=notes, vmcoreinfo=vmcoreinfo,
             page_size=page_size, extra={"source_format": "elf-stream", "source": self.name},
+            incomplete=incomplete,
         )
 
     @property
@@ -144,6 +155,8 @@ class ElfStreamReader:
             last_pos, last = self._last
             if last_pos <= pos and end <= last_pos + len(last):
                 return last[pos - last_pos : end - last_pos]
+            if self.ended_at is not None and pos >= self.ended_at:
+                return bytes(length)  # never arrived: named in image.missing
             if pos < self._in.pos:
                 raise SourceReadError(
                     f"{self.name}: read at {pos:#x} but the stream is already at "
@@ -151,15 +164,33 @@ class ElfStreamReader:
             if pos > self._in.pos:
                 try:
                     self._in.skip(pos - self._in.pos)
-                except FormatError as err:
-                    raise SourceReadError(f"{self.name}: {err}", pos) from None
-            try:
-                # A bytearray nobody changes: callers treat it like bytes (one copy fewer).
-                data = self._in.read_into_new(length, what="memory data")
-            except FormatError:
-                raise SourceReadError(f"{self.name}: stream ended early", self._in.pos) from None
+                except FormatError:
+                    self._ended(self._in.pos)
+                    return bytes(length)
+            # A bytearray nobody changes: callers treat it like bytes (one copy fewer).
+            data = self._in.read_upto(length)
+            if len(data) < length:
+                self._ended(pos + len(data))
+                data += bytes(length - len(data))
             self._last = (pos, data)
             return data
+
+    def _ended(self, at: int) -> None:
+        """The stream ended at offset ``at``: name the memory data it did not deliver."""
+        self.ended_at = at
+        lost = [(rng.start + max(at, rng.file_offset) - rng.file_offset, rng.data_end)
+                for rng in self._ranges
+                if rng.data_end > rng.start and rng.file_offset + rng.data_end - rng.start > at]
+        if not lost:
+            return
+        missing = self.image.missing
+        missing[:] = merge_ranges([*missing, *lost])
+        total = sum(b - a for a, b in lost)
+        self.warnings.append(
+            f"{self.name}: the stream ended at byte {at:#x}, {total} bytes of memory data "
+            f"short in {len(lost)} range(s) from {lost[0][0]:#x}; they read as zeros and are "
+            "named in image.missing"
+        )
 
     def drain(self) -> int:
         """Read and discard the rest of the stream; returns the bytes skipped."""
