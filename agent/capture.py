@@ -284,11 +284,12 @@ def _record(target: Target, opened: Opened, w: _Written, settings: CaptureSettin
               if isinstance(v, str | int | float | bool | list | dict) or v is None})
 
 
-def _exit_code(record: SnapshotRecord) -> int:
+def _exit_code(record: SnapshotRecord, wr: WriteResult) -> int:
     """65 (verify's code for a dump that does not read back whole): written with memory the
-    source could not deliver, marked incomplete; 1: written with warnings (unreadable ranges,
+    source could not deliver, or from a source marked incomplete without naming where
+    (WriteResult.incomplete), marked incomplete; 1: written with warnings (unreadable ranges,
     truncated); 0: whole."""
-    if record.missing:
+    if record.missing or wr.incomplete:
         return FormatError.exit_code
     return 1 if (record.has_warnings or record.truncated) else 0
 
@@ -296,7 +297,7 @@ def _exit_code(record: SnapshotRecord) -> int:
 def _finish(target: Target, out: _Output, record: SnapshotRecord, wr: WriteResult,
             settings: CaptureSettings, started: float) -> CaptureResult:
     """Commit the record in the store and apply retention (or stamp a file's record)."""
-    code = _exit_code(record)
+    code = _exit_code(record, wr)
     if out.store is None or out.res is None:
         record.time, record.time_unix = iso_time(started), round(started, 3)
         return CaptureResult(record, wr.path, code)

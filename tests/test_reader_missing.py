@@ -638,3 +638,21 @@ def test_incomplete_without_ranges_carries_into_conversion(
         assert "DUMP_DH_COMPRESSED_INCOMPLETE" in shown, shown[-2000:]
     else:
         assert re.search(r"e_flags: 1\b", shown), shown[-2000:]
+
+
+@pytest.mark.parametrize("source", ["elf", "kdump", "flat"])
+def test_convert_of_a_dump_marked_incomplete_exits_65(src: dict[str, Path], tmp_path: Path,
+                                                      source: str) -> None:
+    """kdumpling-agent convert of a dump marked incomplete with no range to name: exit 65 as
+    verify gives, the output marked incomplete (crash -d1), nothing in --json 'missing'."""
+    from tests.agenttools import json_out, run_agent
+
+    path = _flagged(src, tmp_path, source)
+    out = tmp_path / "out.kdump"
+    proc = run_agent(["convert", str(path), str(out), "--format", "kdump", "--json"], tmp_path)
+    assert proc.returncode == 65, proc.stderr
+    rec = json_out(proc)
+    assert rec["exit_code"] == 65 and not rec.get("missing")
+    assert "DUMP_DH_COMPRESSED_INCOMPLETE" in _crash_d1(out)
+    verify = run_agent(["verify", str(out)], tmp_path)
+    assert verify.returncode == 65, verify.stderr
