@@ -5,7 +5,8 @@ Robustness (every format module follows it): every count and size read from a fi
 against the file's size before anything is allocated, and malformed input raises
 ``FormatError`` naming the file offset. Data a file promises but cannot deliver (cut short,
 descriptors past its end, marked incomplete by its writer) is reported by ``Dump.incomplete``
-and ``Dump.missing``, and reads as zeros in ``to_image()``'s sources.
+and ``Dump.missing``; ``to_image()`` leaves it out of the segments, names it in
+``CoreImage.missing`` and sets ``CoreImage.incomplete``.
 """
 
 from __future__ import annotations
