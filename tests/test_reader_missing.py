@@ -449,7 +449,7 @@ def test_flattened_cut_record_keeps_what_arrived(src: dict[str, Path], big_flat:
     """A stream made by makedumpfile -F, cut inside a record at several points: every page
     whose descriptor and data arrived reads as libkdumpfile reads it from the whole file
     (makedumpfile -R's), exactly the others are missing, and the conversion keeps the former.
-    (makedumpfile -R itself cannot serve: on a cut stream it waits 10 minutes for more.)"""
+    (makedumpfile -R itself cannot serve: on a cut stream it spins at EOF waiting for more.)"""
     if which == "small":
         flat = src["flat"]
         normal = tmp_path / "small.kdump"
