@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests import tiers
 
 PAGE = 4096
 
@@ -145,13 +145,13 @@ def fixture_process(mb: int = 4, user: int | None = None) -> Iterator[Fixture]:
 def tmpfs(size: str) -> Iterator[Path]:
     """A small tmpfs of our own (root only), unmounted afterwards."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
+        tiers.missing("root", "mounting a tmpfs needs root and mount(8)")
     path = Path(tempfile.mkdtemp(prefix="kdl-tmpfs-"))
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
                           str(path)], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         path.rmdir()
-        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+        tiers.missing("root", f"cannot mount a tmpfs: {res.stderr.strip()}")
     try:
         yield path
     finally:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from tests import tiers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TARGET_SOURCE = FIXTURES / "proc_target.c"
@@ -36,12 +35,7 @@ def pattern(seed: int, length: int) -> bytes:
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("KDUMPLING_REQUIRE_ALL") == "1":
-            pytest.fail(f"{tool} is required but missing")
-        pytest.skip(f"{tool} not installed")
-    return path
+    return tiers.tool("ptrace", tool)
 
 
 def compile_target(outdir: Path, *, pie: bool, opt: str = "-O0") -> Path:

@@ -1,52 +1,31 @@
 """Independent readers used as oracles: libkdumpfile, drgn, crash, readelf, makedumpfile.
 
-Each helper raises ``pytest.skip`` when its tool is missing (``pytest.fail`` under
-KDUMPLING_REQUIRE_ALL=1), so tiers degrade instead of erroring.
+A missing tool goes through tests/tiers.py (skipped with the reason, a failure under
+KDUMPLING_REQUIRE_ALL=1); tests/oracles/conftest.py checks the whole tier once.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from typing import Any
 
-import pytest
+from tests import tiers
 
-if os.path.isdir("/usr/lib/python3/dist-packages") and \
-        "/usr/lib/python3/dist-packages" not in sys.path:
-    sys.path.append("/usr/lib/python3/dist-packages")
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("KDUMPLING_REQUIRE_ALL") == "1":
-        pytest.fail(f"{what} is required (KDUMPLING_REQUIRE_ALL=1) but missing")
-    pytest.skip(f"{what} not available")
+TIER = "readers"
+KDUMPFILE_HINT = "libkdumpfile's Python bindings: apt install python3-libkdumpfile"
+DRGN_HINT = "pip install drgn"
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        _missing(name)
-    assert path is not None
-    return path
+    return tiers.tool(TIER, name)
 
 
 def kdumpfile_module() -> Any:
-    try:
-        import kdumpfile
-    except ImportError:
-        _missing("libkdumpfile Python bindings (python3-libkdumpfile)")
-    return kdumpfile
+    return tiers.module(TIER, "kdumpfile", KDUMPFILE_HINT)
 
 
 def drgn_module() -> Any:
-    try:
-        import drgn
-    except ImportError:
-        _missing("drgn")
-    return drgn
+    return tiers.module(TIER, "drgn", DRGN_HINT)
 
 
 def lkf_open(path: str, ostype: str | None = None) -> Any:

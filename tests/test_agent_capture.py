@@ -17,6 +17,8 @@ from kdumpling.agent.targets import LibvirtTarget, Opened, QmpTarget
 from kdumpling.collectors.base import Snapshot
 from kdumpling.errors import TargetGoneError
 
+from tests import tiers
+
 VMCI = ("OSRELEASE=6.1.0-capture\nPAGESIZE=4096\nSYMBOL(swapper_pg_dir)=ffffffff82a0c000\n"
         "NUMBER(pgtable_l5_enabled)=0\nNUMBER(phys_base)=0\n")
 
@@ -75,7 +77,7 @@ def test_debug_opens_a_kernel_dump_in_drgn(tmp_path: Path) -> None:
     from tests.agenttools import clean_env, run_agent
 
     if shutil.which("drgn", path=os.path.dirname(sys.executable)) is None:
-        pytest.skip("drgn is not installed next to this Python")
+        tiers.missing("readers", "drgn's command is not installed next to this Python")
     dump = tmp_path / "k.kdump"
     b = KdumpBuilder().set_vmcoreinfo(VMCI).add_memory_segment(0x100000, b"kdumpling" * 100)
     b.write(str(dump), format="kdump", compression="zlib")

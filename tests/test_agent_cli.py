@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
 from tests.agenttools import (
     Fixture,
     agent_argv,
@@ -223,7 +224,7 @@ def test_exit_codes(tmp_path: Path) -> None:
 
 def test_permission_denied_77(tmp_path: Path) -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run the agent as nobody")
+        tiers.missing("ptrace", "needs root and setpriv to run the agent as nobody")
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     # pytest's tmp_path sits in a 0700 directory: nobody needs one it can reach
     base = Path(tempfile.mkdtemp(prefix="kdl-nobody-", dir="/tmp"))

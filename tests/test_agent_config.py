@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -21,6 +20,8 @@ from kdumpling.agent.config import load_config, parse_config
 from kdumpling.agent.targets import GuestTarget, LibvirtTarget, OpenContext
 from kdumpling.agent.units import parse_duration, parse_size, parse_size_limit
 from kdumpling.errors import ConfigError
+
+from tests import tiers
 
 CALENDARS = ["daily", "hourly", "minutely", "weekly", "monthly", "quarterly", "yearly",
              "Mon..Fri 09:30", "Sat,Sun 12:00", "*:0/15", "*-*-01 00:00:00", "*-02-29 03:00",
@@ -39,8 +40,7 @@ def _systemd_next(expr: str) -> datetime | None:
 
 @pytest.mark.parametrize("expr", CALENDARS)
 def test_calendar_matches_systemd(expr: str) -> None:
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
+    tiers.tool("systemd", "systemd-analyze")
     spec = parse_calendar(expr + " UTC")
     for _ in range(3):  # a second boundary between the two calls: ask again
         before = time.time()

@@ -5,23 +5,19 @@ offline, uninstall keeps the config. (Against a running systemd: tests/systemd/.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from kdumpling.agent.install import render_unit, systemd_escape_arg, template
 
+from tests import tiers
 from tests.agenttools import agent_argv, json_out, run_agent
 
 UNITS = ("kdumpling-agent.service", "kdumpling-agent-once.service", "kdumpling-agent-once.timer")
 
 
 def _analyze() -> str:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze is not installed")
-    return tool
+    return tiers.tool("systemd", "systemd-analyze")
 
 
 def _verify(unit_dir: Path, names: list[str]) -> subprocess.CompletedProcess[str]:
@@ -85,8 +81,7 @@ def test_install_never_overwrites_the_config(tmp_path: Path) -> None:
 
 
 def test_enable_offline_then_uninstall_keeps_the_config(tmp_path: Path) -> None:
-    if shutil.which("systemctl") is None:
-        pytest.skip("systemctl is not installed")
+    tiers.tool("systemd", "systemctl")
     root = tmp_path / "root"
     proc = run_agent(["service", "install", "--root", str(root), "--enable"], tmp_path)
     assert proc.returncode == 0, proc.stderr

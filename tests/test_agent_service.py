@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
 from tests.agenttools import (
     agent_argv,
     clean_env,
@@ -215,7 +215,7 @@ def _units_dir(tmp_path: Path) -> Path:
     """The shipped units with ExecStart pointing at this install (verify checks it exists)."""
     exe = agent_argv()[0]
     if not os.path.isabs(exe) or exe.endswith("python3"):
-        pytest.skip("no kdumpling-agent console script installed")
+        tiers.missing("agent", "no kdumpling-agent console script installed (pip install -e .)")
     out = tmp_path / "units"
     out.mkdir()
     for unit in UNITS.glob("kdumpling-agent*"):
@@ -225,9 +225,7 @@ def _units_dir(tmp_path: Path) -> Path:
 
 
 def test_units_verify(tmp_path: Path) -> None:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze is not installed")
+    tool = tiers.tool("systemd", "systemd-analyze")
     units = _units_dir(tmp_path)
     names = sorted(p.name for p in units.iterdir())
     assert {"kdumpling-agent.service", "kdumpling-agent-once.service",
@@ -239,9 +237,7 @@ def test_units_verify(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("unit", ["kdumpling-agent.service", "kdumpling-agent-once.service"])
 def test_units_security_score(tmp_path: Path, unit: str) -> None:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze is not installed")
+    tool = tiers.tool("systemd", "systemd-analyze")
     units = _units_dir(tmp_path)
     res = subprocess.run([tool, "security", "--offline=true", "--json=short", f"./{unit}"],
                          cwd=units, capture_output=True, text=True, timeout=120, check=False)
@@ -274,23 +270,26 @@ def _cgroup_root() -> Path | None:
 @pytest.mark.ptrace
 def test_service_target_by_unit(tmp_path: Path) -> None:
     if os.path.isdir("/run/systemd/system"):
-        pytest.skip("systemd is running: units resolve through systemctl, not a test cgroup")
+        # Deliberate: under a running systemd the agent asks systemctl, which knows no unit of
+        # a test's making; tests/systemd covers that path in a container.
+        tiers.not_applicable("systemd is running: units resolve through systemctl, "
+                             "not a test cgroup (tests/systemd covers it)")
     root = _cgroup_root()
     if root is None or os.geteuid() != 0:
-        pytest.skip("needs root and a writable cgroup hierarchy")
+        tiers.missing("ptrace", "needs root and a writable cgroup hierarchy")
     unit = f"kdl-test-{os.getpid()}.service"
     cg = root / unit
     store = tmp_path / "store"
     try:
         cg.mkdir()
     except OSError as err:
-        pytest.skip(f"cannot create a cgroup: {err}")
+        tiers.missing("ptrace", f"cannot create a cgroup: {err}")
     try:
         with fixture_process(mb=2) as fx:
             try:
                 (cg / "cgroup.procs").write_text(str(fx.pid))
             except OSError as err:
-                pytest.skip(f"cannot move a process into a cgroup: {err}")
+                tiers.missing("ptrace", f"cannot move a process into a cgroup: {err}")
             cfg = tmp_path / "agent.toml"
             cfg.write_text(f'[output]\ndirectory = "{store}"\n'
                            f'[targets.svc]\ntype = "process"\nunit = "{unit}"\n'

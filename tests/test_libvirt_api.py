@@ -16,7 +16,9 @@ import pytest
 from kdumpling.collectors.libvirt import LibvirtCaptureError, LibvirtCollector, translate_error
 from kdumpling.errors import FormatError, PermissionDeniedError, TargetGoneError
 
-libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
+from tests import tiers
+
+libvirt = tiers.module("libvirt", "libvirt", "pip install libvirt-python")
 
 URI = "test:///default"
 

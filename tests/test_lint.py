@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests import tiers
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {"kdumpling": "writer", "kdumpling/collectors": "collectors",
@@ -21,7 +21,7 @@ def _bin(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if found is None:
-        pytest.skip(f"{name} is not installed")
+        tiers.missing("lint", f"{name} is not installed (pip install -e '.[test]')")
     return found
 
 

@@ -25,10 +25,11 @@ from kdumpling.errors import PermissionDeniedError, TargetGoneError, UsageError
 from kdumpling.notes import NT_AUXV, NT_PRSTATUS, Note, parse_annotations
 
 from tests import proctools as pt
+from tests import tiers
 
 pytestmark = pytest.mark.ptrace
 
-elftools = pytest.importorskip("elftools.elf.elffile")
+elftools = tiers.module("ptrace", "elftools.elf.elffile", "pip install pyelftools")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -639,10 +640,10 @@ def _world_readable_package() -> str:
 
 def test_unprivileged_user_is_told_what_to_do(target: pt.Target) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged user")
+        tiers.missing("ptrace", "needs root to switch to an unprivileged user")
     python = shutil.which("python3", path="/usr/bin:/bin")
     if python is None:
-        pytest.skip("no system python3 for the unprivileged child")
+        tiers.missing("ptrace", "no system python3 for the unprivileged child")
 
     def drop() -> None:
         os.setgroups([])
@@ -658,7 +659,8 @@ def test_unprivileged_user_is_told_what_to_do(target: pt.Target) -> None:
     finally:
         shutil.rmtree(root)
     if "ModuleNotFoundError" in child.stderr or "ImportError" in child.stderr:
-        pytest.skip(f"the unprivileged user cannot import kdumpling here: {child.stderr[-300:]}")
+        tiers.missing("ptrace", "the unprivileged user cannot import kdumpling here: "
+                      f"{child.stderr[-300:]}")
     assert child.returncode == 77, child.stdout + child.stderr
     message = child.stdout.strip()
     assert "not running as root" in message and "CAP_SYS_PTRACE" in message, message
@@ -707,7 +709,7 @@ PY_TARGET = textwrap.dedent("""
 def test_python_target(tmp_path: Path, mode: str) -> None:
     python = os.path.realpath("/usr/bin/python3")
     if not os.path.exists(python):
-        pytest.skip("no system python3")
+        tiers.missing("ptrace", "no system python3 at /usr/bin/python3")
     proc = subprocess.Popen([python, "-c", PY_TARGET], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

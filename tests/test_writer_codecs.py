@@ -11,6 +11,7 @@ import pytest
 from kdumpling import KdumpBuilder
 from kdumpling.codecs import ZSTD_LEVELS, CompressionType, PageCodec, repeats_at_stride4
 
+from tests import tiers
 from tests.readers import lkf_open, lkf_read_phys
 
 PAGE = 4096
@@ -36,7 +37,7 @@ def test_repeats_at_stride4_counts_bytes_equal_to_the_one_four_before() -> None:
 
 
 def test_zlib_redoes_pages_isal_compresses_badly() -> None:
-    isal_zlib = pytest.importorskip("isal.isal_zlib")
+    isal_zlib = tiers.module("extras", "isal.isal_zlib", "pip install -e '.[zlib]'")
     comp = PageCodec(CompressionType.ZLIB, 1, PAGE).compressor()
     assert comp is not None
     table = u32_table_page(1)
@@ -60,7 +61,7 @@ def test_zlib_levels_emit_streams_stock_zlib_decodes(level: int) -> None:
 
 
 def test_zlib_redo_scales_with_the_page_size() -> None:
-    pytest.importorskip("isal.isal_zlib")
+    tiers.module("extras", "isal.isal_zlib", "pip install -e '.[zlib]'")
     big = 65536
     table = u32_table_page(3, big)
     comp = PageCodec(CompressionType.ZLIB, 1, big).compressor()
@@ -130,7 +131,7 @@ def test_zlib_files_never_grow_with_the_level(tmp_path: str, kind: str) -> None:
 
 
 def test_zstd_maps_the_seed_levels_onto_its_own(tmp_path: str) -> None:
-    zstandard = pytest.importorskip("zstandard")
+    zstandard = tiers.module("extras", "zstandard", "pip install -e '.[zstd]'")
     assert len(ZSTD_LEVELS) == 9 and list(ZSTD_LEVELS) == sorted(set(ZSTD_LEVELS))
     mem = memory("compressible")
     assert kdump_size(str(tmp_path), mem, "zstd", 9) < kdump_size(str(tmp_path), mem, "zstd", 1)
@@ -144,7 +145,7 @@ def test_zstd_maps_the_seed_levels_onto_its_own(tmp_path: str) -> None:
 
 @pytest.mark.parametrize("codec", ["lzo", "snappy"])
 def test_lzo_and_snappy_have_no_levels(tmp_path: str, codec: str) -> None:
-    pytest.importorskip({"lzo": "lzo", "snappy": "cramjam"}[codec])
+    tiers.module("extras", {"lzo": "lzo", "snappy": "cramjam"}[codec], "pip install -e '.[all]'")
     mem = memory("mixed", 64)
     paths = []
     for level in (1, 9):

@@ -14,17 +14,23 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+
+from tests import tiers
 
 from . import rig
 from .checks import Expect
 
 
-def _missing(what: str) -> None:
-    if os.environ.get("KDUMPLING_REQUIRE_ALL") == "1":
-        pytest.fail(f"{what} (required: KDUMPLING_REQUIRE_ALL=1)")
-    pytest.skip(what)
+def _missing(what: str) -> NoReturn:
+    tiers.missing("guest", what)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    del config
+    tiers.mark_folder(items, str(Path(__file__).parent), pytest.mark.guest, pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +44,6 @@ def guest_kernel() -> rig.KernelFiles:
         return rig.prepare_kernel()
     except rig.RigError as err:
         _missing(f"no guest kernel: {err}")
-        raise
 
 
 @pytest.fixture(scope="session")
@@ -104,10 +109,7 @@ def negative_phys_base_guest(guest_kernel: rig.KernelFiles,
 
 @pytest.fixture(scope="session")
 def libvirt_daemons(guest_dir: Path) -> Iterator[rig.LibvirtDaemons]:
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        _missing("libvirt-python is not installed")
+    tiers.module("libvirt", "libvirt", "pip install libvirt-python")
     daemons = rig.LibvirtDaemons(guest_dir / "libvirt")
     try:
         daemons.start()
@@ -143,12 +145,13 @@ def libvirt_expect(libvirt_guest: rig.LibvirtGuest, guest_spec: rig.GuestSpec) -
 @pytest.fixture(scope="session")
 def guest_vmlinux(guest_kernel: rig.KernelFiles) -> Path:
     if os.environ.get("KDUMPLING_TEST_DEBUGINFO") != "1":
-        pytest.skip("set KDUMPLING_TEST_DEBUGINFO=1 to fetch the kernel's vmlinux (858 MB)")
+        # Opt-in, not a missing tool: the download is 858 MB, so REQUIRE_ALL accepts the skip.
+        tiers.not_applicable("set KDUMPLING_TEST_DEBUGINFO=1 to fetch the kernel's vmlinux "
+                             "(858 MB)")
     try:
         return rig.prepare_debuginfo(guest_kernel)
     except rig.RigError as err:
         _missing(f"no debug vmlinux: {err}")
-        raise
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from kdumpling.collectors.convert import DumpFileCollector
 from kdumpling.notes import parse_vmcoreinfo
 from kdumpling.reader import open_dump
 
+from tests import tiers
 from tests.agenttools import json_out, run_agent
 
 from . import rig
@@ -62,7 +63,8 @@ def test_convert_fixes_what_makedumpfile_cannot_read(qemu_dumps: dict[str, Path]
     qemu = subprocess.run(["makedumpfile", "--dump-dmesg", str(qemu_dumps["elf"]), str(dmesg)],
                           capture_output=True, text=True, timeout=300)
     if qemu.returncode == 0:
-        pytest.skip("this QEMU writes ELF dumps makedumpfile already reads")
+        # Deliberate: a QEMU that fixed its ELF layout leaves nothing to compare.
+        tiers.not_applicable("this QEMU writes ELF dumps makedumpfile already reads")
     out = out_dir / "dump.elf"
     with DumpFileCollector(qemu_dumps["elf"]) as snap:
         write_dump(snap.image, out, format="elf")

@@ -15,6 +15,8 @@ from kdumpling.collectors.qmp import QmpCollector
 from kdumpling.errors import CaptureInterrupted, KdumplingError
 from kdumpling.reader import open_dump
 
+from tests import tiers
+
 from . import rig
 from .checks import OUTPUT_IDS, OUTPUTS, Expect, assert_readers_agree, scan_pattern_pages
 
@@ -160,7 +162,7 @@ def test_qmp_spool_too_small(qemu_guest: rig.QemuGuest, out_dir: Path) -> None:
     small.mkdir()
     rc = os.system(f"mount -t tmpfs -o size=1m kdt-small {small} 2>/dev/null")
     if rc != 0:
-        pytest.skip("cannot mount a small tmpfs here")
+        tiers.missing("guest", "cannot mount a small tmpfs here (root)")
     try:
         with pytest.raises(KdumplingError, match="MiB free"), \
                 QmpCollector(qemu_guest.qmp_path, spool=str(small)):

@@ -19,24 +19,18 @@ from typing import Any
 
 import pytest
 
+from tests import tiers
+
 REGION = "us-east-1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     del config
-    here = str(Path(__file__).parent)
-    for item in items:
-        if str(item.fspath).startswith(here):
-            item.add_marker(pytest.mark.s3)
+    tiers.mark_folder(items, str(Path(__file__).parent), pytest.mark.s3)
 
 
 def _need(module: str) -> None:
-    try:
-        __import__(module)
-    except ImportError:
-        if os.environ.get("KDUMPLING_REQUIRE_ALL") == "1":
-            pytest.fail(f"{module} is not installed (pip install 'kdumpling[s3,test]')")
-        pytest.skip(f"{module} is not installed")
+    tiers.module("s3", module, "pip install 'kdumpling[s3,test]'")
 
 
 def free_port() -> int:

@@ -23,8 +23,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+
+from tests import tiers
 
 REPO = Path(__file__).resolve().parents[2]
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -41,10 +44,13 @@ MASKED = (
 )
 
 
-def _require(reason: str) -> None:
-    if os.environ.get("KDUMPLING_REQUIRE_ALL") == "1":
-        pytest.fail(f"systemd tier: {reason} (KDUMPLING_REQUIRE_ALL=1)")
-    pytest.skip(reason)
+def _require(reason: str) -> NoReturn:
+    tiers.missing("systemd", reason)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    del config
+    tiers.mark_folder(items, str(Path(__file__).parent), pytest.mark.systemd)
 
 
 def _cgroup_dirs(name: str) -> list[Path]:
