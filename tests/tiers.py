@@ -56,9 +56,18 @@ def not_applicable(reason: str) -> NoReturn:
     pytest.skip(reason, allow_module_level=True)
 
 
+def which(name: str) -> str | None:
+    return shutil.which(name)
+
+
+def add_debian_dist_packages() -> None:
+    if os.path.isdir(DEBIAN_DIST_PACKAGES) and DEBIAN_DIST_PACKAGES not in sys.path:
+        sys.path.append(DEBIAN_DIST_PACKAGES)
+
+
 def tool(tier: str, name: str, hint: str = "") -> str:
     """The path of executable ``name``, or :func:`missing`."""
-    path = shutil.which(name)
+    path = which(name)
     if path is None:
         missing(tier, f"{name} is not installed{f' ({hint})' if hint else ''}")
     return path
@@ -66,8 +75,7 @@ def tool(tier: str, name: str, hint: str = "") -> str:
 
 def module(tier: str, name: str, hint: str = "") -> ModuleType:
     """Import ``name`` (Debian's dist-packages reachable too), or :func:`missing`."""
-    if os.path.isdir(DEBIAN_DIST_PACKAGES) and DEBIAN_DIST_PACKAGES not in sys.path:
-        sys.path.append(DEBIAN_DIST_PACKAGES)
+    add_debian_dist_packages()
     try:
         return importlib.import_module(name)
     except ImportError as err:

@@ -27,8 +27,6 @@ from kdumpling.notes import NT_AUXV, NT_PRSTATUS, Note, parse_annotations
 from tests import proctools as pt
 from tests import tiers
 
-pytestmark = pytest.mark.ptrace
-
 elftools = tiers.module("ptrace", "elftools.elf.elffile", "pip install pyelftools")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

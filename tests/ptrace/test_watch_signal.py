@@ -28,8 +28,6 @@ from tests import proctools as pt
 from tests import tiers
 from tests import watchtools as wt
 
-pytestmark = pytest.mark.ptrace
-
 elftools = tiers.module("ptrace", "elftools.elf.elffile", "pip install pyelftools")
 
 # argv: PID SIGNALS(comma) CORE [hold SECONDS]. Prints one JSON object per step on stdout.

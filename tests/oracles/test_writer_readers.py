@@ -23,8 +23,6 @@ from tests.readers import (
     tool,
 )
 
-pytestmark = pytest.mark.readers
-
 ARCHES = ["x86_64", "aarch64", "s390x", "ppc64", "ppc64le", "riscv64"]
 FORMATS = [("elf", "none"), ("kdump", "none"), ("kdump", "zlib"), ("kdump", "lzo"),
            ("kdump", "snappy"), ("kdump", "zstd"), ("kdump-flat", "zlib")]

@@ -24,7 +24,6 @@ from kdumpling.reader import PageNotDumpedError, open_dump, reassemble_flattened
 
 from tests import testdumps as td
 
-pytestmark = pytest.mark.readers
 SEEDS: dict[str, bytes] = {}
 
 

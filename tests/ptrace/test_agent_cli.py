@@ -32,8 +32,6 @@ from tests.agenttools import (
     wait_for,
 )
 
-pytestmark = pytest.mark.ptrace
-
 NOBODY = 65534
 
 

@@ -24,8 +24,6 @@ from tests import proctools as pt
 from tests import watchtools as wt
 from tests.agenttools import agent_argv, assert_one_error_line, clean_env, run_agent
 
-pytestmark = pytest.mark.ptrace
-
 
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory: pytest.TempPathFactory) -> Path:

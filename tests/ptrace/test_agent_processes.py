@@ -14,8 +14,6 @@ from kdumpling.errors import TargetGoneError, UsageError
 
 from tests import watchtools as wt
 
-pytestmark = pytest.mark.ptrace
-
 
 def test_names_pid_files_and_selection(tmp_path: Path) -> None:
     exe = wt.compile_watch_target(tmp_path)

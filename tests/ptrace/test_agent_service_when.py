@@ -23,8 +23,6 @@ from tests import watchtools as wt
 from tests.agenttools import run_agent, wait_for
 from tests.test_agent_service import NotifyListener, _start
 
-pytestmark = pytest.mark.ptrace
-
 
 @pytest.fixture
 def listener(tmp_path: Path) -> Iterator[NotifyListener]:
