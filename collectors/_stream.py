@@ -8,9 +8,10 @@ first spooled (pause = reading the stream; zero pages stay holes) and converted 
 QEMU's own kdump-zlib arrives as a flattened stream and is always spooled (rebuilt) first.
 
 A stream that ends before the end its ELF program headers promise (QEMU died, the dump failed)
-keeps every byte that arrived: the rest reads as zeros for the writer, is named in
-``image.missing`` (the output is marked incomplete) and in a warning, and the spool leaves it
-out altogether.
+keeps every byte that arrived: the stream reader (kdumpling.read_stream) names the rest in
+``image.missing`` (the output is marked incomplete; in stream mode it reads as zeros, the spool
+leaves it out altogether), and the Snapshot's warning names the ranges. A kdump-zlib stream cut
+short leaves a rebuilt file whose reader names what it lacks.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from types import TracebackType
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from kdumpling.errors import (
     CaptureInterrupted,
@@ -39,7 +39,8 @@ from kdumpling.image import CoreImage
 from .base import GUEST_DUMP_FORMATS, Snapshot
 from .convert import cut_out, missing_warning
 
-HEAD_KEEP = 1 << 20  # the stream's first bytes, kept to map a short stream back to addresses
+if TYPE_CHECKING:
+    from kdumpling.reader import ElfStreamReader
 
 
 class DumpStream(io.RawIOBase):
@@ -56,13 +57,6 @@ class DumpStream(io.RawIOBase):
         self.bytes_read = 0
         self.eof = False
         self._abort = threading.Event()
-        self.head = bytearray()
-        # Where the ELF headers say the memory data ends; a stream ending before it is padded
-        # with zeros up to there (``padded``) and ``on_short`` hears where it ended.
-        self.expect_end: int | None = None
-        self.short_at: int | None = None
-        self.padded = 0
-        self.on_short: Callable[[int], None] | None = None
 
     @property
     def name(self) -> str:
@@ -77,36 +71,11 @@ class DumpStream(io.RawIOBase):
         if self.fd < 0:
             raise ValueError("read from a closed dump stream")
 
-    def _keep(self, data: Any) -> None:
-        if len(self.head) < HEAD_KEEP:
-            self.head += bytes(data[: HEAD_KEEP - len(self.head)])
-
-    def _pad(self, want: int) -> int:
-        """At EOF: how many zero bytes stand in for memory data QEMU never wrote."""
-        if self.expect_end is None:
-            return 0
-        n = min(want, self.expect_end - self.bytes_read - self.padded)
-        if n <= 0:
-            return 0
-        if self.short_at is None:
-            self.short_at = self.bytes_read
-            if self.on_short is not None:
-                self.on_short(self.short_at)
-        self.padded += n
-        return n
-
     def readinto(self, buffer: Any) -> int:
         self._check()
         n = os.readv(self.fd, [buffer])
         if n == 0:
-            view = memoryview(buffer).cast("B")
-            pad = self._pad(len(view))
-            if pad:
-                view[:pad] = bytes(pad)
-                return pad
             self.eof = True
-        else:
-            self._keep(memoryview(buffer).cast("B")[:n])
         self.bytes_read += n
         return n
 
@@ -117,12 +86,7 @@ class DumpStream(io.RawIOBase):
         self._check()
         data = os.read(self.fd, size)
         if not data:
-            pad = self._pad(size)
-            if pad:
-                return bytes(pad)
             self.eof = True
-        else:
-            self._keep(data)
         self.bytes_read += len(data)
         return data
 
@@ -151,45 +115,11 @@ class DumpStream(io.RawIOBase):
         super().close()
 
 
-def _elf_loads(head: bytes, name: str) -> list[tuple[int, int, int]]:
-    """(p_offset, p_filesz, p_paddr) of every PT_LOAD with data, from the stream's head."""
-    from kdumpling import layout
-    from kdumpling.read_elf import parse_ehdr
-
-    ehdr = parse_ehdr(head[: layout.EHDR_SIZE], name)
-    phnum = ehdr.phnum
-    if phnum == layout.PN_XNUM and ehdr.shoff + layout.SHDR_SIZE <= len(head):
-        phnum = layout.SHDR[ehdr.endian].unpack_from(head, ehdr.shoff)[7]  # sh_info
-    loads = []
-    for i in range(phnum):
-        at = ehdr.phoff + i * layout.PHDR_SIZE
-        if at + layout.PHDR_SIZE > len(head):
-            break
-        p_type, _, off, _, paddr, filesz, _, _ = layout.PHDR[ehdr.endian].unpack_from(head, at)
-        if p_type == layout.PT_LOAD and filesz:
-            loads.append((off, filesz, paddr))
-    return loads
-
-
-def watch_short_stream(stream: DumpStream, image: CoreImage) -> None:
-    """Arm ``stream`` so that ending before its last PT_LOAD's data pads with zeros and puts
-    the physical ranges it never delivered into ``image.missing`` (writers read that list
-    when they finish)."""
-    loads = _elf_loads(bytes(stream.head), stream.name)
-    if not loads:
-        return
-    stream.expect_end = max(off + size for off, size, _ in loads)
-
-    def short(at: int) -> None:
-        lost = sorted((paddr + max(off, at) - off, paddr + size)
-                      for off, size, paddr in loads if off + size > at)
-        image.missing.extend(lost)
-
-    stream.on_short = short
-
-
-def short_stream_warning(stream: DumpStream, missing: list[tuple[int, int]]) -> str:
-    return (f"the dump stream ended after {stream.short_at} of {stream.expect_end} bytes: "
+def short_stream_warning(ended_at: int, missing: list[tuple[int, int]]) -> str:
+    """The one line on an ELF stream that ended at byte ``ended_at``, before the data its
+    program headers promise: it names every range missing (the stream reader's own line names
+    only the first, and is left out for this one)."""
+    return (f"the dump stream ended after {ended_at} bytes: "
             + missing_warning(missing, "guest memory"))
 
 
@@ -216,36 +146,40 @@ def spool_file(directory: str, need: int | None) -> int:
 
 
 def spool_sparse(stream: DumpStream, spool_fd: int) -> tuple[int, list[str],
-                                                             list[tuple[int, int]]]:
+                                                             list[tuple[int, int]], str | None]:
     """Copy the ELF vmcore arriving on ``stream`` into the spool file, zero pages left as holes.
 
     The copy is our own ELF of the same image (notes, PT_LOADs, addresses), written with dump
     level 1, so a mostly free guest costs a fraction of its size in the spool and the guest's
     pause is the time to read the stream and find its zero pages, without compressing.
-    Returns the bytes read from the stream, the stream reader's warnings and the physical
-    ranges the stream ended before (holes in the spool, not memory).
+    Returns the bytes read from the stream, the stream reader's warnings, the physical ranges
+    the stream ended before (the reader's ``image.missing``: holes in the spool, not memory)
+    and, when it did, the warning naming them.
     """
     from kdumpling.dump import write_dump
 
-    image, warnings = image_from_stream(stream)
-    watch_short_stream(stream, image)
+    reader = elf_stream_reader(stream)
+    warnings = list(reader.warnings)  # before the data: a cut gets short_stream_warning
     with os.fdopen(os.dup(spool_fd), "r+b", buffering=0) as spool:
         try:
-            write_dump(image, spool, format="elf", dump_level=1)
+            write_dump(reader.image, spool, format="elf", dump_level=1)
         except OSError as err:
             raise DumpWriteError.from_oserror(err, "spool file") from err
     # QEMU >= 7.2 ends its ELF with the section-name string table (dump/dump.c
     # prepare_elf_section_hdrs): a few bytes nobody needs, but QEMU must get to write them.
     stream.drain()
-    return stream.bytes_read, warnings, list(image.missing)
+    lost = list(reader.image.missing)
+    cut = short_stream_warning(reader.ended_at, lost) \
+        if reader.ended_at is not None and lost else None
+    return stream.bytes_read, warnings, lost, cut
 
 
-def image_from_stream(stream: DumpStream) -> tuple[CoreImage, list[str]]:
-    """The CoreImage of an ELF vmcore arriving on a stream (segments read it sequentially)."""
+def elf_stream_reader(stream: DumpStream) -> ElfStreamReader:
+    """The reader of an ELF vmcore arriving on a stream: its ``image``'s segments read the
+    stream sequentially, and a stream ending early is named in ``image.missing``."""
     from kdumpling.reader import open_elf_stream
 
-    reader = open_elf_stream(cast(BinaryIO, stream), name=stream.name)
-    return reader.image, reader.warnings
+    return open_elf_stream(cast(BinaryIO, stream), name=stream.name)
 
 
 def image_from_spool(spool_fd: int, name: str) -> tuple[CoreImage, list[str], list[str], Any]:
@@ -272,18 +206,22 @@ def image_from_spool(spool_fd: int, name: str) -> tuple[CoreImage, list[str], li
 
 
 def spool_flattened(stream: DumpStream, spool_fd: int) -> tuple[int, list[str],
-                                                                list[tuple[int, int]]]:
+                                                                list[tuple[int, int]], str | None]:
     """Rebuild QEMU's flattened kdump stream (its kdump-* formats) in the spool file; returns
-    the bytes read, warnings and missing ranges (none: the rebuilt file is read and checked
-    afterwards, the reader names what it lacks)."""
+    the bytes read, warnings, missing ranges (none: the rebuilt file is read afterwards, its
+    reader names what it lacks) and, for a stream that ended before its end marker, what the
+    rebuild said (the spool holds every byte that arrived, of a cut record too)."""
     from kdumpling.reader import reassemble_flattened_into
 
+    cut = None
     try:
         reassemble_flattened_into(cast(BinaryIO, stream), spool_fd, "spool file")
     except FormatError as err:
-        raise FormatError(f"{stream.name}: {err}", err.offset) from err
+        if not stream.eof:
+            raise FormatError(f"{stream.name}: {err}", err.offset) from err  # not a cut
+        cut = f"{stream.name}: {err}"
     stream.drain()
-    return stream.bytes_read, [], []
+    return stream.bytes_read, [], [], cut
 
 
 class StreamedDumpCollector:
@@ -307,6 +245,8 @@ class StreamedDumpCollector:
         self._spool_fd = -1
         self._spool_dump: Any = None
         self._snapshot: Snapshot | None = None
+        self._reader: ElfStreamReader | None = None  # stream mode: the stream's reader
+        self._spool_cut = False  # spool mode: the stream ended before the data it promised
 
     def __enter__(self) -> Snapshot:
         try:
@@ -342,13 +282,15 @@ class StreamedDumpCollector:
         """The Snapshot: segments that read the stream, or (spool) the spooled copy."""
         assert self._stream is not None
         if self.spool is None:
-            image, warnings = image_from_stream(self._stream)
-            watch_short_stream(self._stream, image)
-            snap = Snapshot(image, target, meta=meta, warnings=warnings)
+            reader = self._reader = elf_stream_reader(self._stream)
+            # A copy: the reader's own line on a cut (added while the writer reads) gives way
+            # to short_stream_warning (_note_short_stream), which names every range.
+            snap = Snapshot(reader.image, target, meta=meta, warnings=list(reader.warnings))
         else:
             t0 = time.monotonic()
             spool = spool_sparse if self.dump_format == "elf" else spool_flattened
-            meta["stream_bytes"], warnings, lost = spool(self._stream, self._spool_fd)
+            meta["stream_bytes"], warnings, lost, cut = spool(self._stream, self._spool_fd)
+            self._spool_cut = cut is not None
             meta["spool_copy_seconds"] = time.monotonic() - t0
             meta["spool_bytes"] = os.fstat(self._spool_fd).st_blocks * 512
             self._stream.close()
@@ -363,18 +305,25 @@ class StreamedDumpCollector:
             except KdumplingError as err:
                 if failure is not None:
                     raise failure from err  # QEMU's word on why the spool is unreadable
+                if cut is not None:
+                    raise FormatError(f"{cut}; what arrived cannot be read: {err}") from err
                 raise
             if failure is not None:
                 # QEMU failed part way: what arrived is kept when the stream shows the gap
-                # (ELF cut short, or a rebuilt kdump lacking pages), else it is an error
-                if not (lost or image.missing):
+                # (ELF cut short, or a kdump stream cut or rebuilt without some pages), else
+                # it is an error
+                if not (lost or image.missing or cut):
                     raise failure
                 warnings.append(f"{failure}; kept what arrived")
             if lost:  # holes in the spool: left out, named
                 cut_out(image, lost)
                 image.missing[:] = sorted({*image.missing, *lost})
-                warnings.append(short_stream_warning(self._stream, lost))
                 spool_warnings = [w for w in spool_warnings if "INCOMPLETE" not in w]
+            if cut is not None:
+                # The rebuilt kdump file cannot say that its stream was cut: its reader names
+                # the pages it lacks (image.missing), and the image says incomplete besides.
+                image.incomplete = True
+                warnings.append(cut)
             if fixes:
                 meta["fixes"] = fixes  # QEMU's known header mistakes: expected, not warnings
             snap = Snapshot(image, target, pause_seconds=pause, meta=meta,
@@ -385,18 +334,25 @@ class StreamedDumpCollector:
     def _dump_failure_kept(self, err: KdumplingError) -> bool:
         """QEMU failed the dump after its stream ended short: what arrived was written and the
         rest is named missing, so the failure becomes a warning (True) instead of an error."""
-        stream, snap = self._stream, self._snapshot
-        if stream is None or stream.short_at is None or snap is None:
+        if self._snapshot is None or not self._stream_cut():
             return False
-        snap.warnings.append(f"{err}; kept what arrived")
+        self._snapshot.warnings.append(f"{err}; kept what arrived")
         return True
+
+    def _stream_cut(self) -> bool:
+        """The stream ended before the data it promised; what arrived was kept, the rest
+        named."""
+        reader = self._reader
+        if reader is not None:
+            return reader.ended_at is not None and bool(reader.image.missing)
+        return self._spool_cut
 
     def _note_short_stream(self) -> None:
         """Stream mode: name what the stream did not deliver (the writer has finished)."""
-        stream, snap = self._stream, self._snapshot
-        if stream is not None and stream.short_at is not None and snap is not None \
-                and self.spool is None:
-            snap.warnings.append(short_stream_warning(stream, snap.image.missing))
+        reader, snap = self._reader, self._snapshot
+        if reader is not None and reader.ended_at is not None and snap is not None \
+                and snap.image.missing:
+            snap.warnings.append(short_stream_warning(reader.ended_at, snap.image.missing))
 
     def _end_stream(self, *, drain: bool) -> None:
         """Read what is left (a whole dump) or close early (the writer then gets EPIPE)."""

@@ -92,18 +92,6 @@ def cut_out(image: CoreImage, ranges: list[tuple[int, int]]) -> None:
     image.segments = out
 
 
-def _trim_missing_tails(image: CoreImage) -> None:
-    """A segment cut short by the end of its file keeps only the data it has: the part beyond
-    (p_memsz past p_filesz) would read back as zeros (ELF gABI), passing memory the file never
-    had off as zero-filled. The range is in ``image.missing`` instead."""
-    kernel = image.kind is DumpKind.KERNEL
-    for seg in image.segments:
-        start = seg.phys_addr if kernel else seg.effective_virt_addr
-        data_end, end = start + seg.size, start + seg.memsz
-        if end > data_end and any(a <= data_end and end <= b for a, b in image.missing):
-            seg.mem_size = seg.size
-
-
 def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str], list[str]]:
     """The image of an opened dump, with what QEMU gets wrong taken from VMCOREINFO instead.
 
@@ -129,8 +117,7 @@ def image_of_dump(dump: Any) -> tuple[CoreImage, dict[str, object], list[str], l
         if not image.vmcoreinfo:
             warnings.append("the dump has no VMCOREINFO: crash --osrelease, drgn and "
                             "makedumpfile will not recognise the kernel")
-    if image.missing:
-        _trim_missing_tails(image)
+    if image.missing:  # to_image() left them out of every segment (no p_memsz past them)
         warnings.append(missing_warning(image.missing))
     return image, meta, warnings, fixes
 
