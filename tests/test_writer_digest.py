@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,11 @@ class CountingFileSink(FileSink):
         n = super()._read_back(offset, buf)
         CountingFileSink.read_back_bytes += n
         return n
+
+    def _mapped(self, offset: int, length: int) -> Iterator[memoryview]:
+        for view in super()._mapped(offset, length):
+            CountingFileSink.read_back_bytes += len(view)
+            yield view
 
 
 def test_process_core_with_holes_hashes_as_written_without_reading_back(
@@ -183,3 +189,25 @@ def test_agent_record_sha256_without_a_second_read(tmp_path: Path,
     (record,) = [json.loads(p.read_text()) for p in store.glob("*.json")]
     core = Path(record["path"]) if "path" in record else next(store.glob("*.core"))
     assert record["sha256"] == sha_of(core)
+
+
+def test_read_back_through_the_page_cache_when_the_digest_falls_behind(tmp_path: Path) -> None:
+    """A digest with no room for the data (budget 0) hashes every big write from the file, in
+    mmap windows, and still gets the file's sha256."""
+    data = os.urandom(20 << 20)
+    path = tmp_path / "behind"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        sink = CountingFileSink(fd, str(path))
+        CountingFileSink.read_back_bytes = 0
+        sink.start_digest()
+        assert sink.digest is not None
+        sink.digest._budget = 0  # everything over 64 KiB is dropped from the queue
+        for off in range(0, len(data), 1 << 20):
+            sink.write_at(off, data[off : off + (1 << 20)])
+        sink.finish()
+        got = sink.finish_digest()
+    finally:
+        os.close(fd)
+    assert got == hashlib.sha256(data).hexdigest()
+    assert CountingFileSink.read_back_bytes >= len(data) - (1 << 20)

@@ -33,12 +33,15 @@ import hashlib
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 Buffer = bytes | bytearray | memoryview
 # read_back(offset, buffer) fills ``buffer`` from the output at ``offset``; returns the count.
 ReadBack = Callable[[int, memoryview], int]
+# views(offset, length) yields buffers that cover the range in order (e.g. mmap windows of the
+# page cache: no copy); each is used before the next is asked for.
+ReadViews = Callable[[int, int], Iterator[Buffer]]
 
 _BLOCK = 4 << 20  # read-back and zero-hashing granule
 _ZEROS = bytes(_BLOCK)
@@ -68,8 +71,9 @@ class WriteDigest:
     """
 
     def __init__(self, read_back: ReadBack | None = None, *, budget: int = DEFAULT_BUDGET,
-                 nice: int = DIGEST_NICE) -> None:
+                 nice: int = DIGEST_NICE, views: ReadViews | None = None) -> None:
         self._read_back = read_back
+        self._views = views
         self._budget = budget
         # Without a read-back the writer waits for the digest: no reason to hold it back.
         self._nice = nice if read_back is not None else 0
@@ -274,6 +278,15 @@ class WriteDigest:
 
     def _hash_read_back(self, offset: int, length: int) -> None:
         assert self._read_back is not None
+        if self._views is not None:
+            got = 0
+            for view in self._views(offset, length):
+                self._sha.update(view)
+                got += len(view)
+            if got != length:
+                raise OSError(f"read back {got} bytes at {offset:#x}, expected {length}")
+            self._pos = offset + length
+            return
         buf = bytearray(min(_BLOCK, length))
         view = memoryview(buf)
         end = offset + length

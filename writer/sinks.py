@@ -12,10 +12,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, cast
 
 from .digest import WriteDigest
@@ -199,6 +200,9 @@ def _readable_dup(fd: int) -> int:
         return -1
 
 
+_MAP_WINDOW = 8 << 20  # bytes of the output mapped at once by the digest's read-back
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the window in with one call
+
 _Pending = tuple[int, "bytes | bytearray | memoryview | int", "bytes | None"]
 
 
@@ -233,11 +237,43 @@ class FileSink(Sink):
             # The digest's own readable descriptor: it may finish after ``fd`` is fsynced and
             # closed. Without one, everything the digest needs stays in memory (no read-back).
             self._digest_fd = _readable_dup(self.fd)
-            self._can_read_back = self._digest_fd >= 0
-            super().start_digest()
+            if self._digest_fd < 0:
+                self.digest = WriteDigest(None)
+            else:
+                self.digest = WriteDigest(self._read_back, views=self._mapped)
 
     def _read_back(self, offset: int, buf: memoryview) -> int:
         return os.preadv(self._digest_fd, [buf], offset)
+
+    def _mapped(self, offset: int, length: int) -> Iterator[memoryview]:
+        """[offset, offset + length) of the file through read-only mmap windows: the digest
+        hashes the page cache in place instead of copying it out (pread), and only the window
+        in hand is mapped, so the process's RSS stays bounded."""
+        end = offset + length
+        if os.fstat(self._digest_fd).st_size < end:  # a mapping past the end faults (SIGBUS)
+            buf = bytearray(min(length, _MAP_WINDOW))
+            pos = offset
+            while pos < end:
+                n = self._read_back(pos, memoryview(buf)[: min(len(buf), end - pos)])
+                if n <= 0:
+                    return
+                yield memoryview(buf)[:n]
+                pos += n
+            return
+        pos = offset
+        while pos < end:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            size = min(_MAP_WINDOW, end - base)
+            with mmap.mmap(self._digest_fd, size, mmap.MAP_SHARED | _MAP_POPULATE,
+                           mmap.PROT_READ, offset=base) as window:
+                whole = memoryview(window)
+                part = whole[pos - base : size]
+                try:
+                    yield part
+                finally:
+                    part.release()
+                    whole.release()
+            pos = base + size
 
     def finish_digest(self) -> str | None:
         try:
