@@ -8,12 +8,18 @@ once through :func:`missing`:
 ========  ======================  ===============================================================
 marker    folder                  needs
 ========  ======================  ===============================================================
-readers   tests/oracles/          crash, makedumpfile, readelf, gdb, drgn, libkdumpfile
-ptrace    tests/ptrace/           root or CAP_SYS_PTRACE, kernel.yama.ptrace_scope <= 2, gcc
+readers   tests/oracles/          crash, makedumpfile, readelf, drgn, libkdumpfile, pyelftools
+ptrace    tests/ptrace/           root or CAP_SYS_PTRACE, Yama ptrace_scope < 3, gcc, gdb,
+                                  eu-stack
+libvirt   tests/libvirt_api/      libvirt-python (its in-process test driver)
 s3        tests/s3/               boto3 and moto's server
-guest     tests/guest/            QEMU, Debian's kernel package (libvirt tests: a daemon)
-systemd   tests/systemd/          root, systemd-nspawn
+guest     tests/guest/            QEMU, Debian's kernel package (``libvirt``: also a daemon)
+systemd   tests/systemd/          systemd-analyze; the container tests root and systemd-nspawn
 ========  ======================  ===============================================================
+
+The readers and ptrace tiers are checked once per session, before their first test
+(:func:`gate`, called by tests/conftest.py for each marker of a test, wherever the test lives);
+the others check in the session fixtures that start their server, guest or container.
 
 Without the tier's requirement a test is skipped with the reason; under KDUMPLING_REQUIRE_ALL=1
 (CI and ``./setup.sh test``) it fails instead. A few skips are not about the machine lacking a
@@ -28,6 +34,9 @@ import importlib
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
@@ -89,3 +98,61 @@ def mark_folder(items: list[pytest.Item], folder: str, *markers: pytest.MarkDeco
         if str(item.path).startswith(prefix):
             for marker in markers:
                 item.add_marker(marker)
+
+
+# --- the tiers checked once, by marker ----------------------------------------------------------
+CAP_SYS_PTRACE = 19  # include/uapi/linux/capability.h
+YAMA_SCOPE = Path("/proc/sys/kernel/yama/ptrace_scope")
+
+
+def _effective_capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def lacking_ptrace() -> str:
+    """Why live processes cannot be traced here; empty when they can. Attaching to a process
+    that is not our descendant needs CAP_SYS_PTRACE (root has it); Yama's ptrace_scope 0 and 1
+    allow such a tracer, 2 ("admin-only attach") does with the capability, 3 forbids attaching
+    at all (Documentation/admin-guide/LSM/Yama.rst). The fixtures need gcc; gdb and eu-stack
+    judge the cores."""
+    if not _effective_capabilities() >> CAP_SYS_PTRACE & 1:
+        return "needs root or CAP_SYS_PTRACE to attach to processes it did not start"
+    if YAMA_SCOPE.exists() and int(YAMA_SCOPE.read_text()) > 2:
+        return f"kernel.yama.ptrace_scope is {YAMA_SCOPE.read_text().strip()}: no attaching"
+    absent = [t for t in ("gcc", "gdb", "eu-stack") if which(t) is None]
+    if absent:
+        return f"{', '.join(absent)} not installed (apt install gcc gdb elfutils)"
+    return ""
+
+
+def lacking_readers() -> str:
+    """Which of the independent readers are missing; empty when all are here."""
+    absent = [t for t in ("crash", "makedumpfile", "readelf") if which(t) is None]
+    add_debian_dist_packages()
+    for name in ("drgn", "kdumpfile", "elftools"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            absent.append(f"Python module {name}")
+    if absent:
+        return (f"{', '.join(absent)} not installed (apt install crash makedumpfile binutils "
+                "python3-libkdumpfile; pip install drgn pyelftools)")
+    return ""
+
+
+GATES: dict[str, Callable[[], str]] = {"ptrace": lacking_ptrace, "readers": lacking_readers}
+
+
+@cache
+def _lacking(tier: str) -> str:
+    return GATES[tier]()
+
+
+def gate(item: pytest.Item) -> None:
+    """Before each test: skip (or fail) it when a tier it is marked with cannot run here."""
+    for tier in GATES:
+        if item.get_closest_marker(tier) is not None and _lacking(tier):
+            missing(tier, _lacking(tier))

@@ -20,8 +20,8 @@ from kdumpling.errors import ConfigError
 
 from tests import proctools as pt
 from tests import watchtools as wt
-from tests.agenttools import run_agent, wait_for
-from tests.test_agent_service import NotifyListener, _start
+from tests.agenttools import NotifyListener, run_agent, wait_for
+from tests.test_agent_service import _start
 
 
 @pytest.fixture
