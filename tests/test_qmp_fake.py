@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +31,8 @@ from kdumpling.collectors.qmp import DumpFailedError, QmpCollector
 from kdumpling.errors import CaptureInterrupted, TargetGoneError, UsageError
 
 from tests import testdumps as td
-from tests.readers import kdumpfile_module, lkf_open
+from tests.agenttools import json_out, run_agent
+from tests.readers import kdumpfile_module, lkf_open, tool
 
 STOP_TS = (1700000000, 250000)
 RESUME_TS = (1700000001, 500000)  # the guest was paused 1.25 s, by QEMU's clock
@@ -329,6 +331,8 @@ def test_stream_cut_short_keeps_what_arrived(cut_fake: FakeQemu, machine: td.Mac
     assert cut_fake.write_error is not None
     assert result.missing == _lost(machine)
     assert any("ended after" in w and f"{_lost(machine)[0][0]:#x}" in w for w in snap.warnings)
+    # one line on the cut: the stream reader's own (added while the writer read) gave way
+    assert len([w for w in snap.warnings if "stream ended" in w]) == 1, snap.warnings
     assert any("failed" in w and "kept what arrived" in w for w in snap.warnings)
     _pages_before_cut(out, machine, read_ok_past_cut=True)
 
@@ -345,3 +349,134 @@ def test_spool_cut_short_leaves_the_rest_out(cut_fake: FakeQemu, machine: td.Mac
     assert result.missing == _lost(machine)
     assert any("ended after" in w for w in snap.warnings)
     _pages_before_cut(out, machine, read_ok_past_cut=False)
+
+
+# -- kdump-zlib: QEMU's flattened stream cut short (spool mode rebuilds it) -------------------
+
+@pytest.fixture(scope="module")
+def kdump_flat(machine: td.Machine, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[bytes, Path]:
+    """A flattened kdump stream as QEMU's kdump-zlib sends one (makedumpfile -F -c: page data
+    and descriptors in alternating records) and the normal file makedumpfile -R rebuilds."""
+    d = tmp_path_factory.mktemp("kdumpzlib")
+    elf, flat, normal = d / "src.elf", d / "src.flat", d / "src.kdump"
+    td.pack_elf_vmcore(elf, machine)
+    td.makedumpfile(["-F", "-c", "-d", "1", str(elf)], stdout=flat)
+    with flat.open("rb") as stream:
+        subprocess.run([tool("makedumpfile"), "-R", str(normal)], stdin=stream, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return flat.read_bytes(), normal
+
+
+def _flat_records(stream: bytes) -> list[tuple[int, int, int]]:
+    """(stream position, offset, size) of each record: big-endian int64 offset and size after
+    the 4 KiB header, offset -1 at the end (makedumpfile.h makedumpfile_data_header)."""
+    out, pos = [], 4096
+    while True:
+        offset, size = struct.unpack_from(">qq", stream, pos)
+        if offset == -1:
+            return out
+        out.append((pos, offset, size))
+        pos += 16 + size
+
+
+def _dumped_pages(normal: Path) -> list[tuple[int, int, int, int]]:
+    """(pfn, descriptor offset, data offset, data size) of every page of a kdump file: the set
+    bits of bitmap 2 in order, one 24-byte page_desc each after the bitmaps (diskdump_mod.h;
+    block_size, sub_hdr_size, bitmap_blocks at 0x1ac)."""
+    data = normal.read_bytes()
+    block, sub_hdr, bitmap_blocks = struct.unpack_from("<iii", data, 0x1AC)
+    half = bitmap_blocks // 2 * block
+    bitmap2 = data[(1 + sub_hdr) * block + half : (1 + sub_hdr) * block + 2 * half]
+    pfns = [i * 8 + b for i, byte in enumerate(bitmap2) for b in range(8) if byte >> b & 1]
+    desc0 = (1 + sub_hdr + bitmap_blocks) * block
+    out = []
+    for i, pfn in enumerate(pfns):
+        offset, size = struct.unpack_from("<qI", data, desc0 + 24 * i)
+        out.append((pfn, desc0 + 24 * i, offset, size))
+    return out
+
+
+def _kdump_cut(flat: bytes, normal: Path) -> tuple[int, set[int], list[tuple[int, int]]]:
+    """A cut a third into a page-data-sized record in the middle of the stream: the cut
+    point, the PFNs whose descriptor and data arrived, the physical ranges of the others."""
+    records = [r for r in _flat_records(flat)[5:] if r[2] > td.PAGE]
+    pos, _, size = records[len(records) // 2]
+    cut = pos + 16 + size // 3
+    arrived = [(off, off + min(n, cut - at - 16)) for at, off, n in _flat_records(flat)
+               if at + 16 < cut]
+
+    def inside(a: int, b: int) -> bool:
+        return any(lo <= a and b <= hi for lo, hi in arrived)
+
+    kept, lost = set(), []
+    for pfn, desc, offset, length in _dumped_pages(normal):
+        if inside(desc, desc + 24) and inside(offset, offset + length):
+            kept.add(pfn)
+        elif lost and lost[-1][1] == pfn * td.PAGE:
+            lost[-1] = (lost[-1][0], (pfn + 1) * td.PAGE)
+        else:
+            lost.append((pfn * td.PAGE, (pfn + 1) * td.PAGE))
+    return cut, kept, lost
+
+
+@pytest.mark.readers
+def test_kdump_zlib_spool_cut_short_keeps_what_arrived(kdump_flat: tuple[bytes, Path],
+                                                       tmp_path: Path) -> None:
+    """QEMU fails part way through its kdump-zlib stream: the spool keeps every record byte
+    that arrived (it used to raise FormatError and keep nothing), the rebuilt file's reader
+    names exactly the pages whose descriptor or data did not arrive, the output says
+    incomplete and libkdumpfile reads the others as makedumpfile -R's whole file has them."""
+    flat, normal = kdump_flat
+    cut, kept, lost = _kdump_cut(flat, normal)
+    assert kept and lost
+    server = FakeQemu(tmp_path / "qmp.sock", flat, cut_at=cut)
+    server.start()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    out = tmp_path / "out.kdump"
+    try:
+        with QmpCollector(server.path, spool=str(spool), dump_format="kdump-zlib") as snap:
+            assert snap.image.missing == lost and snap.image.incomplete
+            result = write_dump(snap.image, out, format="kdump", compression="zlib")
+    finally:
+        server.close()
+    assert server.write_error is not None and os.listdir(spool) == []
+    assert result.missing == lost and result.incomplete
+    assert any("kept what arrived" in w for w in snap.warnings)
+    assert any("middle of the record data" in w for w in snap.warnings)
+    assert any("could not be read" in w and f"{lost[0][0]:#x}" in w for w in snap.warnings)
+    kd = kdumpfile_module()
+    ref, got = lkf_open(str(normal)), lkf_open(str(out))
+    for pfn, _, _, _ in _dumped_pages(normal):
+        if pfn in kept:
+            assert bytes(got.read(kd.KDUMP_MACHPHYSADDR, pfn * td.PAGE, td.PAGE)) == \
+                bytes(ref.read(kd.KDUMP_MACHPHYSADDR, pfn * td.PAGE, td.PAGE)), hex(pfn)
+        else:
+            with pytest.raises(kd.exceptions.KDumpBaseException):
+                got.read(kd.KDUMP_MACHPHYSADDR, pfn * td.PAGE, td.PAGE)
+    with open(out, "rb") as f:
+        assert struct.unpack_from("<I", f.read(0x1AC), 0x1A8)[0] & 0x8  # INCOMPLETE status
+
+
+@pytest.mark.readers
+def test_agent_kdump_zlib_capture_cut_short_exits_65(kdump_flat: tuple[bytes, Path],
+                                                     tmp_path: Path) -> None:
+    """The same cut through kdumpling-agent capture qmp --qemu-format kdump-zlib: exit 65,
+    --json names the missing ranges, the warning the first of them, the file says
+    incomplete (verify exits 65 too)."""
+    flat, normal = kdump_flat
+    cut, _, lost = _kdump_cut(flat, normal)
+    server = FakeQemu(tmp_path / "qmp.sock", flat, cut_at=cut)
+    server.start()
+    out = tmp_path / "out.kdump"
+    try:
+        proc = run_agent(["capture", "qmp", str(server.path), "--qemu-format", "kdump-zlib",
+                          "-o", str(out), "--json"], tmp_path, timeout=120)
+    finally:
+        server.close()
+    assert proc.returncode == 65, proc.stderr
+    rec = json_out(proc)
+    assert [(r["start"], r["end"]) for r in rec["missing"]] == lost
+    assert any(f"{lost[0][0]:#x}" in w for w in rec["warnings"])
+    assert run_agent(["verify", str(out)], tmp_path).returncode == 65
