@@ -11,7 +11,8 @@ import pytest
 from kdumpling.agent.config import parse_config
 from kdumpling.agent.metrics import Attempt, update
 from kdumpling.errors import ConfigError
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests import tiers
 
 FAMILIES = {
     "kdumpling_snapshot_last_success_timestamp_seconds": "gauge",
@@ -25,6 +26,10 @@ FAMILIES = {
 }
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+text_string_to_metric_families = tiers.module(
+    "extras", "prometheus_client.parser", "pip install -e '.[metrics]'"
+).text_string_to_metric_families
 
 
 def _read(path: Path) -> tuple[Samples, dict[str, tuple[str, str]]]:

@@ -13,7 +13,6 @@ import subprocess
 
 import kdumpling
 import pytest
-from elftools.elf.elffile import ELFFile
 from kdumpling import (
     CustomNote,
     CustomNoteType,
@@ -33,15 +32,6 @@ from tests.readers import (
 SEED_VMCOREINFO = "OSRELEASE=5.14.0\nPAGE_SIZE=4096\n"  # the seed's example, as written
 # What drgn and libkdumpfile need besides OSRELEASE to open a kernel dump.
 VMCI = "OSRELEASE=6.1.0-seed\nPAGESIZE=4096\nSYMBOL(swapper_pg_dir)=ffffffff82a0c000\n"
-
-
-def elf_notes(path: str) -> list[tuple[str, int | str, bytes]]:
-    """(owner, type, descriptor) of every note, as pyelftools parses them."""
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        return [(n["n_name"], n["n_type"], bytes(n["n_descdata"]))
-                for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"
-                for n in seg.iter_notes()]
 
 
 # --- the seed's docstring examples, as written ------------------------------------------------

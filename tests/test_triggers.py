@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest.mock import Mock
 
 import psutil
@@ -22,11 +23,16 @@ from kdumpling.agent.triggers import (
     when_from_config,
 )
 from kdumpling.errors import ConfigError, PermissionDeniedError, TargetGoneError, UsageError
-from pytest_mock import MockerFixture
 
+from tests import tiers
 from tests import watchtools as wt
 
 POLL = 0.2
+
+if TYPE_CHECKING:
+    from pytest_mock import MockerFixture
+else:  # the mocker fixture comes with the plugin
+    MockerFixture = tiers.module("extras", "pytest_mock", "pip install pytest-mock").MockerFixture
 
 
 @pytest.fixture(scope="module")

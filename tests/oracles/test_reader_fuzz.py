@@ -16,13 +16,16 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from kdumpling import write_dump
 from kdumpling.errors import FormatError
 from kdumpling.reader import PageNotDumpedError, open_dump, reassemble_flattened
 
 from tests import testdumps as td
+from tests import tiers
+
+hypothesis = tiers.module("readers", "hypothesis", "pip install hypothesis")
+st = tiers.module("readers", "hypothesis.strategies", "pip install hypothesis")
+given, settings, HealthCheck = hypothesis.given, hypothesis.settings, hypothesis.HealthCheck
 
 SEEDS: dict[str, bytes] = {}
 

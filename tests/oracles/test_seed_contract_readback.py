@@ -9,7 +9,6 @@ import subprocess
 import warnings
 
 import pytest
-from elftools.elf.elffile import ELFFile
 from kdumpling import (
     CompressionType,
     CustomNoteType,
@@ -19,6 +18,7 @@ from kdumpling import (
 )
 from kdumpling.notes import kdumpling_note_kind, parse_annotations
 
+from tests import tiers
 from tests.readers import (
     crash_osrelease,
     drgn_program,
@@ -36,8 +36,19 @@ from tests.test_seed_contract import (
     _reassembled,
     _write_warned,
     ctx_pid,
-    elf_notes,
 )
+
+ELFFile = tiers.module("readers", "elftools.elf.elffile", "pip install pyelftools").ELFFile
+
+
+def elf_notes(path: str) -> list[tuple[str, int | str, bytes]]:
+    """(owner, type, descriptor) of every note, as pyelftools parses them."""
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        return [(n["n_name"], n["n_type"], bytes(n["n_descdata"]))
+                for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"
+                for n in seg.iter_notes()]
+
 
 
 def test_builder_class_example(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests import tiers
 
@@ -48,6 +47,10 @@ signal.pause()
 """
 # The hardening that must hold in the running service (systemd.exec(5), proc(5)).
 CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE = 2, 19
+
+text_string_to_metric_families = tiers.module(
+    "systemd", "prometheus_client.parser", "pip install -e '.[metrics]'"
+).text_string_to_metric_families
 
 
 def _wheel(tmp: Path) -> Path:
