@@ -211,3 +211,27 @@ def test_read_back_through_the_page_cache_when_the_digest_falls_behind(tmp_path:
         os.close(fd)
     assert got == hashlib.sha256(data).hexdigest()
     assert CountingFileSink.read_back_bytes >= len(data) - (1 << 20)
+
+
+def test_deferred_digest_hashes_after_the_writing(tmp_path: Path) -> None:
+    """FileSink.defer_digest: nothing is hashed until ``finish``, and the result is the same."""
+
+    class DeferredSink(FileSink):
+        defer_digest = True
+
+    data = os.urandom(30 << 20)
+    path = tmp_path / "deferred"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        sink = DeferredSink(fd, str(path))
+        sink.start_digest()
+        digest = sink.digest
+        assert digest is not None
+        for off in range(0, len(data), 1 << 20):
+            sink.write_at(off, data[off : off + (1 << 20)])
+        assert digest._pos == 0  # still waiting for the end of the writing
+        sink.finish()
+        got = sink.finish_digest()
+    finally:
+        os.close(fd)
+    assert got == hashlib.sha256(data).hexdigest()

@@ -71,13 +71,20 @@ class WriteDigest:
     """
 
     def __init__(self, read_back: ReadBack | None = None, *, budget: int = DEFAULT_BUDGET,
-                 nice: int = DIGEST_NICE, views: ReadViews | None = None) -> None:
+                 nice: int = DIGEST_NICE, views: ReadViews | None = None,
+                 defer: bool = False) -> None:
         self._read_back = read_back
         self._views = views
         self._budget = budget
         # Without a read-back the writer waits for the digest: no reason to hold it back.
         self._nice = nice if read_back is not None else 0
         self._tid: int | None = None
+        # With a read-back, hashing waits for ``hurry`` (the writing is over): a second Python
+        # thread hashing meanwhile took the GIL from the threads that read and write, which
+        # doubled a stopped process's pause; afterwards the page cache holds what it needs.
+        self._go = threading.Event()
+        if read_back is None or not defer:
+            self._go.set()
         self._sha = hashlib.sha256()
         self._pos = 0  # bytes [0, pos) are hashed
         self._ahead: list[_Range] = []  # written beyond the cursor, sorted, disjoint
@@ -146,6 +153,7 @@ class WriteDigest:
 
     def finish(self, size: int) -> str | None:
         """Hash up to ``size`` (gaps as zeros) and return the hex digest, or None."""
+        self._go.set()
         with self._cond:
             self._events.append(None)
             self._cond.notify_all()
@@ -168,6 +176,7 @@ class WriteDigest:
 
     def close(self) -> None:
         """Stop the digest thread without finishing (error paths)."""
+        self._go.set()
         with self._cond:
             self._stopped = True
             self._events.clear()
@@ -182,6 +191,7 @@ class WriteDigest:
         """The writing is over (a stopped process runs again): the digest thread gets its
         normal priority back, where this process may raise it (CAP_SYS_NICE, root), so other
         processes on the machine do not keep it waiting."""
+        self._go.set()
         if self._nice and self._tid is not None:
             with contextlib.suppress(OSError, AttributeError):
                 os.setpriority(os.PRIO_PROCESS, self._tid, 0)
@@ -192,6 +202,7 @@ class WriteDigest:
             # Linux: the nice value is per thread (setpriority on the thread's id).
             with contextlib.suppress(OSError, AttributeError):
                 os.setpriority(os.PRIO_PROCESS, self._tid, self._nice)
+        self._go.wait()
         while True:
             with self._cond:
                 while not self._events:
