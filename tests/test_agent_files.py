@@ -12,7 +12,7 @@ import pytest
 from kdumpling import KdumpBuilder
 from kdumpling.reader import open_dump
 
-from tests import testdumps
+from tests import testdumps, tiers
 from tests.agenttools import assert_one_error_line, json_out, run_agent
 
 VMCI = "OSRELEASE=6.1.0-files\nPAGESIZE=4096\n"
@@ -59,6 +59,7 @@ def test_compression_level_out_of_range_is_a_usage_error(tmp_path: Path, level: 
 
 
 def test_compression_level_in_the_config(tmp_path: Path) -> None:
+    tiers.codec("zstd")
     vmcore, _m = _vmcore(tmp_path)
     cfg = tmp_path / "agent.toml"
     cfg.write_text("[output]\ncompression_level = 10\n")

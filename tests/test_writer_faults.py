@@ -66,8 +66,8 @@ def test_existing_symlink_is_not_followed(tmp_path: str) -> None:
 def small_tmpfs(tmp_path: str) -> str:
     mnt = os.path.join(tmp_path, "mnt")
     os.mkdir(mnt)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mnt],
-                         capture_output=True)
+    mount = tiers.tool("root", "mount")
+    res = subprocess.run([mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", mnt], capture_output=True)
     if res.returncode != 0:
         tiers.missing("root", f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
     yield mnt
@@ -104,6 +104,7 @@ _KILLED_WRITER = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,codec", [("elf", "none"), ("kdump", "zstd")])
 def test_peak_rss_stays_small_for_a_2gb_dump(tmp_path: str, fmt: str, codec: str) -> None:
+    tiers.codec(codec)
     image = os.path.join(tmp_path, "mem.img")
     with open(image, "wb") as f:
         f.truncate(2 << 30)  # sparse: reads are cheap, the writer still walks 2 GiB

@@ -91,6 +91,18 @@ def module(tier: str, name: str, hint: str = "") -> ModuleType:
         missing(tier, f"cannot import {name}{f' ({hint})' if hint else ''}: {err}")
 
 
+def codec(name: str) -> None:
+    """:func:`missing` ("extras" tier) unless the Python module behind codec ``name`` imports;
+    the library's own check names the module and the extra to install."""
+    from kdumpling.codecs import PageCodec, parse_compression
+    from kdumpling.errors import CodecUnavailableError
+
+    try:
+        PageCodec(parse_compression(name)).compressor()
+    except CodecUnavailableError as err:
+        missing("extras", str(err))
+
+
 def mark_folder(items: list[pytest.Item], folder: str, *markers: pytest.MarkDecorator) -> None:
     """Add ``markers`` to every collected test under ``folder`` (a tier conftest's hook)."""
     prefix = os.path.join(folder, "")

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests import tiers
 from tests.agenttools import (
     agent_argv,
     assert_one_error_line,
@@ -434,6 +435,7 @@ def test_service_writes_to_a_bucket(tmp_path: Path, s3server: S3Server, bucket: 
 
 
 def test_service_install_adds_the_network_drop_in(tmp_path: Path) -> None:
+    tiers.tool("systemd", "systemctl")  # uninstall disables the units through it
     root = tmp_path / "root"
     config = root / "etc/kdumpling/agent.toml"
     config.parent.mkdir(parents=True)

@@ -60,6 +60,7 @@ def test_install_writes_units_that_verify(tmp_path: Path) -> None:
 
 
 def test_install_never_overwrites_the_config(tmp_path: Path) -> None:
+    tiers.tool("systemd", "systemctl")  # uninstall disables the units through it
     root = tmp_path / "root"
     config = root / "etc/kdumpling/agent.toml"
     config.parent.mkdir(parents=True)
