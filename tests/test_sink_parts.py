@@ -16,6 +16,7 @@ import pytest
 from kdumpling import DumpWriteError, KdumpBuilder, write_dump
 from kdumpling.sink_parts import MIN_PART_SIZE, PARTS_PER_STEP, PartLayout, PartsSink
 
+from tests import tiers
 from tests.readers import lkf_open, lkf_read_phys
 
 PAGE = 4096
@@ -74,6 +75,7 @@ class Collector:
 # bytes differ in one page), so only these codecs give byte-equal files to compare.
 @pytest.mark.parametrize("fmt,codec", [("kdump", "zstd"), ("kdump", "none"), ("elf", "none")])
 def test_parts_join_into_the_file_a_path_gets(tmp_path: Path, fmt: str, codec: str) -> None:
+    tiers.codec(codec)
     builder, _ = kernel_builder(40)
     image = builder.to_image()
     path = tmp_path / "dump"

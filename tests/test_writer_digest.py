@@ -19,6 +19,7 @@ from kdumpling.digest import WriteDigest
 from kdumpling.sink_parts import PartsSink
 from kdumpling.sinks import FileSink
 
+from tests import tiers
 from tests.agenttools import fixture_process
 from tests.readers import lkf_open, lkf_read_phys
 
@@ -91,7 +92,9 @@ def test_every_format_to_a_path_and_to_a_stream(tmp_path: Path, fmt: str, level:
         assert got.sha256 == hashlib.sha256(stream.getvalue()).hexdigest()
 
 
+@pytest.mark.readers
 def test_kdump_digest_is_of_a_file_readers_open(tmp_path: Path) -> None:
+    tiers.codec("lzo")
     out = tmp_path / "dump.kdump"
     result = write_dump(kernel_builder().to_image(), out, format="kdump", dump_level=1,
                         compression="lzo", sha256=True)

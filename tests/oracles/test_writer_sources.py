@@ -13,6 +13,7 @@ import pytest
 from kdumpling import FileRangeSource, KdumpBuilder
 from kdumpling.segments import FileObjectSource, make_source
 
+from tests import tiers
 from tests.readers import drgn_program, lkf_open, lkf_read_phys
 
 PAGE = 4096
@@ -32,6 +33,7 @@ def ram(tmp: Path) -> tuple[Path, bytes]:
 
 @pytest.mark.parametrize("codec", ["lzo", "zlib"])
 def test_every_data_form_writes_the_same_dump(tmp_path: Path, codec: str) -> None:
+    tiers.codec(codec)
     path, data = ram(tmp_path)
     outputs = {}
     with open(path, "rb") as fileobj:

@@ -32,10 +32,9 @@ from kdumpling.notes import CustomNoteType, Note, annotations_text
 from kdumpling.reader import Dump, PageNotDumpedError, open_dump
 
 from tests import testdumps as td
-from tests.readers import drgn_program, kdumpfile_module, lkf_open, tool
+from tests.readers import drgn_module, drgn_program, kdumpfile_module, lkf_open, tool
 
 PAGE = td.PAGE
-pytestmark = pytest.mark.readers
 
 
 @pytest.fixture(scope="module")
@@ -581,7 +580,7 @@ def test_elf_cut_short_image_leaves_the_lost_tail_out(src: dict[str, Path],
     """to_image of an ELF file cut short: no segment's p_memsz reaches into what is missing
     (it would read back as zeros, gABI), so drgn finds no memory there in the ELF output,
     and reads the bytes before the cut as from the whole file."""
-    drgn = pytest.importorskip("drgn")  # tests/readers.py fails instead where drgn is required
+    drgn = drgn_module()
     full = src["elf"].read_bytes()
     path = tmp_path / "cut.elf"
     path.write_bytes(full[: len(full) - 3 * PAGE - 100])
