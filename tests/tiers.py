@@ -21,6 +21,10 @@ The readers and ptrace tiers are checked once per session, before their first te
 (:func:`gate`, called by tests/conftest.py for each marker of a test, wherever the test lives);
 the others check in the session fixtures that start their server, guest or container.
 
+Within the unmarked tier, a test that needs one of the package's extras (a codec's module,
+prometheus_client) or a test plugin says so as ``missing("extras", ...)``, the lint test
+``missing("lint", ...)`` and a test that mounts a small tmpfs ``missing("root", ...)``.
+
 Without the tier's requirement a test is skipped with the reason; under KDUMPLING_REQUIRE_ALL=1
 (CI and ``./setup.sh test``) it fails instead. A few skips are not about the machine lacking a
 tier's tool but about a case that cannot exist here (s390x kdump files drgn/libkdumpfile cannot
