@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,11 +217,13 @@ def test_read_back_through_the_page_cache_when_the_digest_falls_behind(tmp_path:
     assert CountingFileSink.read_back_bytes >= len(data) - (1 << 20)
 
 
-def test_deferred_digest_hashes_after_the_writing(tmp_path: Path) -> None:
-    """FileSink.defer_digest: nothing is hashed until ``finish``, and the result is the same."""
+@pytest.mark.parametrize("defer", [True, False])
+def test_deferred_digest_hashes_after_the_writing(tmp_path: Path, defer: bool) -> None:
+    """FileSink.defer_digest (the default): nothing is hashed until ``finish`` (the target is
+    released then); without it the digest hashes alongside the writer. Same result."""
 
     class DeferredSink(FileSink):
-        defer_digest = True
+        defer_digest = defer
 
     data = os.urandom(30 << 20)
     path = tmp_path / "deferred"
@@ -232,7 +235,13 @@ def test_deferred_digest_hashes_after_the_writing(tmp_path: Path) -> None:
         assert digest is not None
         for off in range(0, len(data), 1 << 20):
             sink.write_at(off, data[off : off + (1 << 20)])
-        assert digest._pos == 0  # still waiting for the end of the writing
+        if defer:
+            assert digest._pos == 0  # still waiting for the end of the writing
+        else:
+            deadline = time.monotonic() + 10
+            while digest._pos == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert digest._pos > 0  # hashing while the writer still writes
         sink.finish()
         got = sink.finish_digest()
     finally:

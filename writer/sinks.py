@@ -239,10 +239,12 @@ class FileSink(Sink):
     supports_holes = True
     _can_read_back = True
     _QUEUE_DEPTH = 4
-    # True: the digest hashes only once the writing is over (``finish``), from the buffers it
-    # could keep and then from the page cache (WriteDigest(defer=)): a stopped process's pause
-    # was ~12% shorter, the whole capture ~25% longer (1 GiB, bench_process.py): off by default.
-    defer_digest = False
+    # The digest hashes only once the writing is over (``finish``: the sources are closed, a
+    # stopped process runs again), from the buffers it could keep and then from the page cache
+    # (WriteDigest(defer=)). Hashing alongside the writer lengthened a 1 GiB process's pause
+    # by 0.1-0.2 s on this 2-core machine for a total 0-0.3 s shorter (bench_process.py);
+    # the pause is what the target feels. False: hash alongside.
+    defer_digest = True
 
     def __init__(self, fd: int, name: str, *, write_behind: bool = True,
                  writeback: bool = False) -> None:
