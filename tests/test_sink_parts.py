@@ -17,7 +17,6 @@ from kdumpling import DumpWriteError, KdumpBuilder, write_dump
 from kdumpling.sink_parts import MIN_PART_SIZE, PARTS_PER_STEP, PartLayout, PartsSink
 
 from tests import tiers
-from tests.readers import lkf_open, lkf_read_phys
 
 PAGE = 4096
 
@@ -92,19 +91,6 @@ def test_parts_join_into_the_file_a_path_gets(tmp_path: Path, fmt: str, codec: s
     assert got.order[-1] == 1, "part 1 (the header rewritten at the end) goes last"
     assert all(len(got.parts[n]) == MIN_PART_SIZE for n in sorted(got.parts)[:-1])
     assert got.threads == {"parts-sender"}, "parts go up on the sending thread"
-
-
-@pytest.mark.readers
-def test_a_joined_kdump_reads_back_in_libkdumpfile(tmp_path: Path) -> None:
-    builder, ranges = kernel_builder(12)
-    got = Collector()
-    write_dump(builder.to_image(), PartsSink("t", got, part_size=MIN_PART_SIZE),
-               format="kdump", compression="zlib", dump_level=1)
-    path = tmp_path / "joined.kdump"
-    path.write_bytes(got.joined())
-    ctx = lkf_open(str(path))
-    for phys, data in ranges:
-        assert lkf_read_phys(ctx, phys, len(data)) == data
 
 
 def test_a_write_into_a_sent_part_fails() -> None:
