@@ -1,7 +1,7 @@
 """Independent readers used as oracles: libkdumpfile, drgn, crash, readelf, makedumpfile.
 
 A missing tool goes through tests/tiers.py (skipped with the reason, a failure under
-KDUMPLING_REQUIRE_ALL=1); tests/oracles/conftest.py checks the whole tier once.
+KDUMPLING_REQUIRE_ALL=1); the whole tier is checked once (tiers.lacking_readers).
 """
 
 from __future__ import annotations
