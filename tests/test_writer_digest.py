@@ -247,3 +247,28 @@ def test_deferred_digest_hashes_after_the_writing(tmp_path: Path, defer: bool) -
     finally:
         os.close(fd)
     assert got == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("sha256", [False, True])
+def test_write_dump_starts_writeback_unless_it_hashes(tmp_path: Path, sha256: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path with fsync gets writeback behind the writer; with a digest (which hashes while
+    the fsync runs) it does not: early writeback only took CPU from the writing."""
+    made: list[FileSink] = []
+
+    class Recording(FileSink):
+        def __init__(self, *args: object, **kwargs: bool) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr("kdumpling.dump.FileSink", Recording)
+    b = KdumpBuilder(arch="x86_64").set_vmcoreinfo(VMCI)
+    b.add_memory_segment(0x100000, os.urandom(24 << 20))
+    out = tmp_path / "wb.elf"
+    result = write_dump(b.to_image(), out, format="elf", dump_level=1, sha256=sha256)
+    (sink,) = made
+    assert (sink.writeback is None) is sha256
+    if not sha256:
+        assert sink.writeback is not None and sink.writeback.requests >= 2
+    else:
+        assert result.sha256 == sha_of(out)
