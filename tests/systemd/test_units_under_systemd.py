@@ -329,9 +329,13 @@ def test_uninstall_removes_the_units_and_keeps_config_and_snapshots(
 def test_the_checkouts_own_venv_works_the_same(container: Container, victim: int) -> None:
     """The README as written: ./setup.sh's .venv in the checkout, install --enable --now."""
     script = Path(sys.executable).parent / "kdumpling-agent"
-    if not script.exists() or str(script).startswith(("/tmp/", "/var/tmp/")):
-        tiers.missing("systemd", "the tests do not run from a venv outside /tmp with the "
-                      "console script (./setup.sh makes one)")
+    if not script.exists():
+        tiers.missing("systemd", "the tests do not run from a venv with the console script "
+                      "(./setup.sh makes one)")
+    if str(script).startswith(("/tmp/", "/var/tmp/")):
+        # Where the checkout sits, not a missing tool: the unit's PrivateTmp=yes hides /tmp
+        # from the service (`service install` warns), so this case cannot run from there.
+        tiers.not_applicable(f"this checkout's venv is under /tmp ({script})")
     container.write(CONFIG, _config({"victim": ("kdl-victim.service", "1h")}))
     before = len(_records(container, "victim"))
     res = container.run(str(script), "service", "install", "--enable", "--now", "--json")
