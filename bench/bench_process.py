@@ -13,8 +13,9 @@ fixture (tests/fixtures/proc_target.c), then run, in alternating order each roun
 * ``low-pause``: the same with ``--mode low-pause``.
 * with ``--ablation``, one child per way in (the same capture through the library, then the
   agent's steps by hand): ``old`` = fsync without writeback, then the sha256 read back from the
-  file (how the agent worked before); ``digest`` = sha256 while writing, no writeback;
-  ``digest+wb`` = both (what the agent does now).
+  file (how the agent worked before); ``digest`` = the writer's sha256 (hashed once the
+  target runs again, while the fsync runs), no writeback: what the agent does now;
+  ``digest+wb`` = the same with writeback forced on during the writing.
 
 Reported per row: median wall time (process start to exit, interpreter and gdb start-up
 included), the ratio to gcore+sync, the pause, CPU seconds, the child's peak RSS (``wait4``),
@@ -88,7 +89,15 @@ def child_main(pid: int, out: str, variant: str) -> None:
     from kdumpling.collectors.process import capture_process
 
     digest = variant.startswith("digest")
-    if not variant.endswith("+wb"):
+    if variant.endswith("+wb"):
+        import kdumpling.dump
+
+        class WritebackSink(kdumpling.sinks.FileSink):
+            def __init__(self, fd: int, name: str, **options: bool) -> None:
+                super().__init__(fd, name, write_behind=True, writeback=True)
+
+        kdumpling.dump.FileSink = WritebackSink  # type: ignore[misc]
+    else:
         kdumpling.sinks._sync_file_range = None  # Writeback turns itself off without it
     started = time.monotonic()
     snap, result = capture_process(pid, out, mode="consistent", fsync=True, sha256=digest)
