@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from tests import tiers
 
 REPO = Path(__file__).resolve().parents[2]
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# Where the tests' own venv (sys.prefix) is bound, read-only, inside the container.
+TEST_VENV = "/opt/kdumpling-test-venv"
 CGROUP = Path("/sys/fs/cgroup")
 # Units of the host image that would start inside the container too (databases, libvirt, the
 # daily timers); masked on the container's kernel command line.
@@ -101,6 +104,9 @@ class Container:
         nspawn = shlex.join([
             "systemd-nspawn", "--quiet", f"--directory={self.root}", "--volatile=overlay",
             "--register=no", "--keep-unit", "--private-network", "--console=read-only",
+            # The test venv at a path the container (its own /tmp) and the units (PrivateTmp)
+            # can see, wherever the checkout is: a clone under /tmp is common in CI.
+            f"--bind-ro={sys.prefix}:{TEST_VENV}",
             "-M", self.name, "-b", "--", "systemd.unit=multi-user.target",
             *[f"systemd.mask={u}" for u in MASKED]])
         inner = (f"mount --bind / {shlex.quote(str(self.root))} && "

@@ -25,7 +25,7 @@ import pytest
 
 from tests import tiers
 
-from .conftest import REPO, Container, wait_until
+from .conftest import REPO, TEST_VENV, Container, wait_until
 
 pytestmark = pytest.mark.systemd
 
@@ -78,14 +78,18 @@ def agent(container: Container, tmp_path_factory: pytest.TempPathFactory) -> str
     container.put(wheel, inside)
     base = getattr(sys, "_base_executable", sys.executable)
     container.run(base, "-m", "venv", "--without-pip", VENV)
-    # Dependencies (prometheus_client, the codecs) from the test venv; kdumpling from the wheel.
+    # Dependencies (prometheus_client, the codecs) from the test venv, as the container sees it
+    # (bound at TEST_VENV); kdumpling from the wheel.
     deps = next(p for p in sys.path if p.endswith("site-packages") and
                 os.path.isdir(os.path.join(p, "prometheus_client")))
+    deps = TEST_VENV + deps[len(sys.prefix):] if deps.startswith(sys.prefix + "/") else deps
     site = container.run(f"{VENV}/bin/python", "-c",
                          "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip()
+    container.run(f"{TEST_VENV}/bin/python", "-m", "pip", "--python", f"{VENV}/bin/python",
+                  "install", "-q", "--no-deps", "--no-index", inside, timeout=300)
+    # After the install: with the test venv on its path, pip would see the checkout's editable
+    # kdumpling there and try to uninstall it (a read-only bind).
     container.write(f"{site}/kdumpling-test-deps.pth", deps + "\n")
-    container.run(sys.executable, "-m", "pip", "--python", f"{VENV}/bin/python", "install",
-                  "-q", "--no-deps", "--no-index", inside, timeout=300)
     where = container.run(f"{VENV}/bin/python", "-c",
                           "import kdumpling.agent; print(kdumpling.agent.__file__)").stdout
     assert where.startswith(VENV), where  # the wheel's copy, not the checkout
