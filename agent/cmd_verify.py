@@ -78,7 +78,8 @@ def run(ctx: Context) -> int:
             out["checks"]["pages"] = "ok"
         except KdumplingError as err:
             out["checks"]["pages"] = "failed"
-            problems.append(str(err))
+            # The line names the path once (reader errors start with it too).
+            problems.append(str(err).removeprefix(f"{loc.path}: "))
         rec = loc.record
         capped = bool(rec is not None and rec.snapshot.truncated)
         if out.get("incomplete") and not capped:  # a size-capped snapshot is cut by design

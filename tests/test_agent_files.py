@@ -124,6 +124,15 @@ def test_verify_names_the_missing_ranges_of_a_cut_dump(tmp_path: Path, fmt: str)
         assert f"{want[0]['start']:#x}-{want[0]['end']:#x}" in line
 
 
+def test_verify_of_a_file_that_is_no_dump_names_it_once(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.bin"
+    path.write_bytes(b"\x8c\xcc" + bytes(4094))
+    proc = run_agent(["verify", str(path)], tmp_path)
+    assert proc.returncode == 65
+    line = assert_one_error_line(proc)
+    assert line.count(str(path)) == 1 and "not a dump file" in line, line
+
+
 def test_a_library_warning_is_one_line(tmp_path: Path) -> None:
     """The writer's warning about a dump without memory: one agent line, not Python's two."""
     empty = tmp_path / "empty.kdump"
