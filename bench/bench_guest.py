@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_writer import fix_qemu_elf, run_child  # noqa: E402
+from writer_elf import fix_qemu_elf  # noqa: E402
+from writer_runs import run_child  # noqa: E402
 
 from tests.guest import rig  # noqa: E402
 
