@@ -13,16 +13,19 @@ abandoned capture, whose reserved names ``prune`` may clean up.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kdumpling.errors import KdumplingError
 
-from .record import SnapshotRecord
+from .record import SCHEMA, SnapshotRecord, iso_time, slug, utc_stamp
 
 if TYPE_CHECKING:  # config imports the target registry, which imports the record module
     from kdumpling.sinks import Sink
@@ -48,6 +51,28 @@ def default_store_dir(configured: str | None) -> str:
                                                             "state")
     return os.path.join(base, "kdumpling")
 
+
+
+def name_candidates(target_key: str, ext: str, when: float) -> Iterator[tuple[str, str, str]]:
+    """(ID, dump name, record name) to try in turn when reserving: ``KEY-STAMP``, then
+    ``KEY-STAMP-1`` ... (the same names in every back end)."""
+    base = f"{slug(target_key)}-{utc_stamp(when)}"
+    for n in range(1000):
+        ident = base if n == 0 else f"{base}-{n}"
+        yield ident, f"{ident}.{ext}", ident + SIDECAR_SUFFIX
+
+
+def reserved_record(record: SnapshotRecord, ident: str, file: str, target_key: str,
+                    when: float) -> SnapshotRecord:
+    """The record a reservation writes: ``capturing``, by this host and agent."""
+    return dataclasses.replace(
+        record, schema=SCHEMA, id=ident, file=file, state=CAPTURING, target_key=target_key,
+        time=iso_time(when), time_unix=round(when, 3), host=socket.gethostname(),
+        agent_pid=os.getpid())
+
+
+def reservation_time(when: float | None) -> float:
+    return time.time() if when is None else when
 
 @dataclass
 class Record:

@@ -22,15 +22,13 @@ import errno
 import fcntl
 import json
 import os
-import socket
 import stat
 import threading
-import time
 from collections.abc import Iterator
 
 from kdumpling.errors import DumpWriteError, KdumplingError, PermissionDeniedError
 
-from .record import SCHEMA, SnapshotRecord, iso_time, slug, utc_stamp
+from .record import SCHEMA, SnapshotRecord, slug
 from .store import (
     ABANDONED,
     CAPTURING,
@@ -41,6 +39,9 @@ from .store import (
     Record,
     Reservation,
     SnapshotStore,
+    name_candidates,
+    reservation_time,
+    reserved_record,
 )
 
 _MAX_RECORD = 1 << 20
@@ -136,24 +137,18 @@ class DirectoryStore(SnapshotStore):
 
     def reserve(self, target_key: str, ext: str, record: SnapshotRecord,
                 when: float | None = None) -> Reservation:
-        when = time.time() if when is None else when
-        base = f"{slug(target_key)}-{utc_stamp(when)}"
-        for n in range(1000):
-            ident = base if n == 0 else f"{base}-{n}"
-            file = f"{ident}.{ext}"
-            sidecar = ident + SIDECAR_SUFFIX
+        when = reservation_time(when)
+        for ident, file, sidecar in name_candidates(target_key, ext, when):
             if self._exists(file) or self._exists(file + ".incomplete"):
                 continue
-            reserved = dataclasses.replace(
-                record, schema=SCHEMA, id=ident, file=file, state=CAPTURING,
-                target_key=target_key, time=iso_time(when), time_unix=round(when, 3),
-                host=socket.gethostname(), agent_pid=os.getpid())
+            reserved = reserved_record(record, ident, file, target_key, when)
             try:
                 self._write_json(sidecar, reserved, exclusive=True)
             except FileExistsError:
                 continue
             return Reservation(ident, file, self.path_of(file), sidecar, reserved)
-        raise DumpWriteError(f"cannot find a free snapshot name for {base} in {self.directory}")
+        raise DumpWriteError(f"cannot find a free snapshot name for {target_key} in "
+                             f"{self.directory}")
 
     def commit(self, res: Reservation, record: SnapshotRecord) -> SnapshotRecord:
         """The dump's identity (dev, inode, size, mtime) makes it ours to delete."""

@@ -35,7 +35,7 @@ from kdumpling.dump import INCOMPLETE_SUFFIX
 from kdumpling.errors import UsageError
 
 from .cancel import Cancel
-from .record import SCHEMA, SnapshotRecord, iso_time, slug, utc_stamp
+from .record import SnapshotRecord
 from .s3_client import (
     MultipartUpload,
     S3Url,
@@ -60,6 +60,9 @@ from .store import (
     Reservation,
     SnapshotStore,
     default_store_dir,
+    name_candidates,
+    reservation_time,
+    reserved_record,
 )
 from .store_dir import record_from_json
 
@@ -146,19 +149,13 @@ class S3Store(SnapshotStore):
                 when: float | None = None) -> Reservation:
         if ext == "kdump-flat":
             raise UsageError("an object store holds the kdump file itself; use --format kdump")
-        when = time.time() if when is None else when
-        base = f"{slug(target_key)}-{utc_stamp(when)}"
-        for n in range(1000):
-            ident = base if n == 0 else f"{base}-{n}"
-            file, sidecar = f"{ident}.{ext}", ident + SIDECAR_SUFFIX
+        when = reservation_time(when)
+        for ident, file, sidecar in name_candidates(target_key, ext, when):
             if head(self.client, self._url(sidecar)) or head(self.client, self._url(file)):
                 continue
-            reserved = dataclasses.replace(
-                record, schema=SCHEMA, id=ident, file=file, state=CAPTURING,
-                target_key=target_key, time=iso_time(when), time_unix=round(when, 3),
-                host=socket.gethostname(), agent_pid=os.getpid())
+            reserved = reserved_record(record, ident, file, target_key, when)
             return self._open(ident, file, sidecar, reserved)
-        raise UsageError(f"cannot find a free snapshot name for {base} in {self.location}")
+        raise UsageError(f"cannot find a free snapshot name for {target_key} in {self.location}")
 
     def _open(self, ident: str, file: str, sidecar: str, reserved: SnapshotRecord) \
             -> Reservation:
