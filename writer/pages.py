@@ -114,19 +114,25 @@ _SAMPLE_OFFSETS = (0, 8, 64, 256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4000,
 def zero_page_flags(data: bytes | bytearray, page: int) -> list[bool]:
     """Which whole pages of ``data`` are all zeros, without a Python call per page.
 
-    Strided slices pick one byte per page at a few offsets; OR-ing them as big integers leaves a
-    zero byte only for pages that are zero at every sampled offset, and those are then checked
-    with an in-place ``startswith`` (a memcmp; comparing memoryview slices is ~30x slower).
+    Strided slices pick one byte per page at a few offsets, one offset after the other until
+    every page has shown a non-zero byte; OR-ing them as big integers leaves a zero byte only for
+    pages that are zero at every sampled offset, and those are then checked with an in-place
+    ``startswith`` (a memcmp; comparing memoryview slices is ~30x slower).
     """
     count = len(data) // page
     if count == 0:
         return []
     acc = 0
-    for off in _SAMPLE_OFFSETS:
-        if off < page:
-            acc |= int.from_bytes(data[off : count * page : page], "little")
-    sampled = acc.to_bytes(count, "little")
     flags = [False] * count
+    for off in _SAMPLE_OFFSETS:
+        if off >= page:
+            break
+        acc |= int.from_bytes(data[off : count * page : page], "little")
+        sampled = acc.to_bytes(count, "little")
+        if 0 not in sampled:
+            # Every page has a non-zero byte: the other offsets would only cost cache misses
+            # (one per page each: 13 passes were ~48 us per MiB, most of a chunk's scan).
+            return flags
     zero_page = bytes(page)
     pos = sampled.find(0)
     while pos >= 0:
