@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from kdumpling.pages import zero_page_flags
 
 

@@ -155,6 +155,26 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _sync_file_range = _load_sync_file_range()
 
+# fallocate(2) mode: allocate blocks past the end of file without changing its size.
+FALLOC_FL_KEEP_SIZE = 1
+_PREALLOC_MIN = 64 << 10  # smaller writes (headers, notes, short runs) are not worth a call
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate (Linux), or None. Not os.posix_fallocate: where the file system has no
+    fallocate, glibc emulates it by writing zeros, which would double the writing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    func.restype = ctypes.c_int
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return cast(Callable[[int, int, int, int], int], func)
+
+
+_fallocate = _load_fallocate()
+
 
 class Writeback:
     """Starts the kernel's writeback of the output as it is written, so that the final fsync
@@ -257,6 +277,8 @@ class FileSink(Sink):
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
         self._digest_fd = -1
+        self._prealloc = _fallocate is not None
+        self.preallocated = 0  # bytes allocated ahead of their writes (tests)
 
     def start_digest(self) -> None:
         if self.digest is None:
@@ -324,6 +346,20 @@ class FileSink(Sink):
             view = view[n:]
             offset += n
 
+    def _allocate(self, offset: int, length: int) -> None:
+        """Allocate the blocks of a write before it (ext4, xfs): a buffered write into
+        allocated blocks skips the file system's per-block delayed-allocation bookkeeping,
+        ~28% of the write's CPU on ext4 here, and the write is what keeps a stopped process
+        waiting (bench_process.py). Only what is written is allocated: holes stay holes."""
+        assert _fallocate is not None
+        if _fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+                raise OSError(err, os.strerror(err))
+            self._prealloc = False  # EOPNOTSUPP, ENOSYS, EINVAL, ...: plain writes
+            return
+        self.preallocated += length
+
     def _do(self, item: _Pending) -> None:
         """One write or hole, then what follows it (digest, writeback)."""
         offset, payload, final = item
@@ -331,6 +367,8 @@ class FileSink(Sink):
             if self.digest is not None:
                 self.digest.zeros(offset, payload)
             return
+        if self._prealloc and len(payload) >= _PREALLOC_MIN:
+            self._allocate(offset, len(payload))
         self._pwrite(offset, payload)
         if self.digest is not None:
             self.digest.data(offset, payload, final)
