@@ -15,7 +15,8 @@ fixture (tests/fixtures/proc_target.c), then run, in alternating order each roun
   agent's steps by hand): ``old`` = fsync without writeback, then the sha256 read back from the
   file (how the agent worked before); ``digest`` = the writer's sha256 (hashed once the
   target runs again, while the fsync runs), no writeback: what the agent does now;
-  ``digest+wb`` = the same with writeback forced on during the writing.
+  ``digest+wb`` = the same with writeback forced on during the writing; ``no-sha256`` = the
+  capture with no digest at all (and no writeback): the time left once the sha256 is gone.
 
 Reported per row: median wall time (process start to exit, interpreter and gdb start-up
 included), the ratio to gcore+sync, the pause, CPU seconds, the child's peak RSS (``wait4``),
@@ -89,6 +90,14 @@ def child_main(pid: int, out: str, variant: str) -> None:
     from kdumpling.collectors.process import capture_process
 
     digest = variant.startswith("digest")
+    if variant == "no-sha256":
+        # the same capture without any digest: what the sha256 costs (issue 12's floor)
+        kdumpling.sinks._sync_file_range = None
+        started = time.monotonic()
+        snap, result = capture_process(pid, out, mode="consistent", fsync=True, sha256=False)
+        print(json.dumps({"pause": snap.pause_seconds, "elapsed": time.monotonic() - started,
+                          "bytes_out": result.bytes_out, "sha256": None}))
+        return
     if variant.endswith("+wb"):
         import kdumpling.dump
 
@@ -219,7 +228,7 @@ def bench_one(exe: Path, work: Path, args: argparse.Namespace, gcore: str, sync:
     store = work / "store"
     names = ["gcore+sync", "agent", "low-pause"]
     if args.ablation:
-        names += ["old", "digest", "digest+wb"]
+        names += ["old", "digest", "digest+wb", "no-sha256"]
     series = {name: Series(name) for name in names}
     me = [sys.executable, str(Path(__file__).resolve())]
     agent = [str(AGENT), "capture", "process", str(pid), "-o", f"{store}/", "--json", "-q"]
