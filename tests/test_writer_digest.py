@@ -195,6 +195,14 @@ def test_agent_record_sha256_without_a_second_read(tmp_path: Path,
     assert record["sha256"] == sha_of(core)
 
 
+def write_in_chunks(sink: FileSink, data: bytes) -> str | None:
+    """``data`` through ``sink`` in 1 MiB writes; the digest it finishes with."""
+    for off in range(0, len(data), 1 << 20):
+        sink.write_at(off, data[off : off + (1 << 20)])
+    sink.finish()
+    return sink.finish_digest()
+
+
 def test_read_back_through_the_page_cache_when_the_digest_falls_behind(tmp_path: Path) -> None:
     """A digest with no room for the data (budget 0) hashes every big write from the file, in
     mmap windows, and still gets the file's sha256."""
@@ -207,10 +215,7 @@ def test_read_back_through_the_page_cache_when_the_digest_falls_behind(tmp_path:
         sink.start_digest()
         assert sink.digest is not None
         sink.digest._budget = 0  # everything over 64 KiB is dropped from the queue
-        for off in range(0, len(data), 1 << 20):
-            sink.write_at(off, data[off : off + (1 << 20)])
-        sink.finish()
-        got = sink.finish_digest()
+        got = write_in_chunks(sink, data)
     finally:
         os.close(fd)
     assert got == hashlib.sha256(data).hexdigest()
@@ -263,10 +268,7 @@ def test_a_deferred_digest_keeps_little_in_memory(tmp_path: Path) -> None:
         assert sink.defer_digest
         CountingFileSink.read_back_bytes = 0
         sink.start_digest()
-        for off in range(0, len(data), 1 << 20):
-            sink.write_at(off, data[off : off + (1 << 20)])
-        sink.finish()
-        got = sink.finish_digest()
+        got = write_in_chunks(sink, data)
     finally:
         os.close(fd)
     assert got == hashlib.sha256(data).hexdigest()

@@ -141,39 +141,28 @@ SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_STEP = 8 << 20  # written bytes per writeback request
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux; Python's os module has no binding), or None."""
+def _libc_function(name: str, argtypes: list[type]) -> Callable[[int, int, int, int], int] | None:
+    """libc's ``name`` returning int, or None where it has none (Python's os module has no
+    binding for the calls below)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        func = libc.sync_file_range
+        func = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
     func.restype = ctypes.c_int
-    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.argtypes = argtypes
     return cast(Callable[[int, int, int, int], int], func)
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = _libc_function(
+    "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 
 # fallocate(2) mode: allocate blocks past the end of file without changing its size.
 FALLOC_FL_KEEP_SIZE = 1
 _PREALLOC_MIN = 64 << 10  # smaller writes (headers, notes, short runs) are not worth a call
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """libc's fallocate (Linux), or None. Not os.posix_fallocate: where the file system has no
-    fallocate, glibc emulates it by writing zeros, which would double the writing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        func = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    func.restype = ctypes.c_int
-    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return cast(Callable[[int, int, int, int], int], func)
-
-
-_fallocate = _load_fallocate()
+# libc's fallocate, not os.posix_fallocate: where the file system has no fallocate, glibc
+# emulates it by writing zeros, which would double the writing.
+_fallocate = _libc_function(
+    "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 
 class Writeback:
