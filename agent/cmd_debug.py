@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import shutil
-import subprocess
 from typing import Any
 
 from kdumpling.errors import UsageError
 
 from .common import Context, Located, add_common, add_directory, dump_facts, locate
 from .s3_client import is_s3_url
-from .s3_commands import downloaded
 from .targets import FeatureUnavailableError
 
 
@@ -37,12 +33,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
+def _which(name: str) -> str | None:
+    import shutil  # imported here: start-up time (issue 12)
+    return shutil.which(name)
+
+
 def command_for(kind: str, path: str, exe: str | None, debugger: str | None,
                 extra: list[str], vmlinux: str | None) -> list[str]:
     if debugger is None:
         if kind == "process":
             debugger = "gdb"
-        elif vmlinux or not shutil.which("drgn"):
+        elif vmlinux or not _which("drgn"):
             debugger = "crash"
         else:
             debugger = "drgn"
@@ -64,6 +65,7 @@ def run(ctx: Context) -> int:
     loc = locate(ctx, a.what)
     loc.close()
     if is_s3_url(loc.path):  # debuggers need a file: a temporary download (issue 15)
+        from .s3_commands import downloaded  # imported here: start-up time (issue 12)
         with downloaded(loc.path) as local:
             loc.path = local
             return _debug(ctx, loc)
@@ -75,6 +77,8 @@ def _debug(ctx: Context, loc: Located) -> int:
     kind = exe = None
     if loc.record is not None:
         kind, exe = loc.record.snapshot.kind, loc.record.snapshot.exe
+    import shlex  # imported here (and below): start-up time (issue 12)
+    import subprocess
     if kind is None:
         kind = dump_facts(loc.path)["kind"]
     if exe and not os.path.exists(str(exe)):
@@ -82,7 +86,7 @@ def _debug(ctx: Context, loc: Located) -> int:
     debugger = a.debugger or os.environ.get("KDUMPLING_DEBUGGER") or None
     argv = command_for(str(kind), loc.path, str(exe) if exe else None, debugger,
                        shlex.split(a.debugger_arguments), a.vmlinux)
-    if not shutil.which(argv[0]):
+    if not _which(argv[0]):
         raise FeatureUnavailableError(f"{argv[0]} is not installed")
     if ctx.args.verbose:
         ctx.say("running: " + shlex.join(argv))

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import Context, add_common
-from .install import Report, install, uninstall
-from .service import Service
+
+if TYPE_CHECKING:  # start-up time (issue 12): the service and installer load when they run
+    from .install import Report
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -60,16 +61,19 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(ctx: Context) -> int:
+    from .service import Service  # imported here: start-up time (issue 12)
     return Service(ctx.args.config, once=ctx.args.once).run()
 
 
 def run_install(ctx: Context) -> int:
     a = ctx.args
+    from .install import install  # imported here: start-up time (issue 12)
     report = install(a.root, enable=a.enable, now=a.now, timer=a.timer)
     return _show(ctx, report)
 
 
 def run_uninstall(ctx: Context) -> int:
+    from .install import uninstall  # imported here: start-up time (issue 12)
     return _show(ctx, uninstall(ctx.args.root))
 
 

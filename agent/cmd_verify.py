@@ -13,12 +13,9 @@ import time
 from typing import Any
 
 from kdumpling.errors import FormatError, KdumplingError
-from kdumpling.reader import open_dump
 
-from .capture import sha256_file
 from .common import Context, add_common, add_directory, locate
 from .s3_client import is_s3_url
-from .s3_commands import object_facts
 from .units import format_size
 
 
@@ -41,6 +38,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def read_all_pages(path: str) -> dict[str, Any]:
     pages = 0
     nbytes = 0
+    from kdumpling.reader import open_dump  # imported here: start-up time (issue 12)
     with open_dump(path) as d:
         expect = d.page_size
         for _pfn, data in d.iter_pages():
@@ -69,6 +67,8 @@ def run(ctx: Context) -> int:
     t0 = time.monotonic()
     loc = locate(ctx, ctx.args.what)
     # an object is streamed back (size, sha256, magic), not decoded page by page (issue 15)
+    from .capture import sha256_file  # imported here (and below): start-up time (issue 12)
+    from .s3_commands import object_facts
     facts = object_facts(loc.path) if is_s3_url(loc.path) else None
     out: dict[str, Any] = {"path": loc.path, "ok": False, "checks": {}}
     problems: list[str] = []

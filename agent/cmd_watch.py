@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
 from kdumpling.errors import TargetGoneError, UsageError
 
-from . import processes
-from .capture import capture
 from .common import (
     Context,
     add_common,
@@ -35,7 +32,6 @@ from .common import (
     report,
 )
 from .progress import ProgressBar
-from .settings import CaptureSettings, Destination
 from .targets import ProcessTarget, import_collector
 from .triggers import (
     DEFAULT_COOLDOWN,
@@ -49,6 +45,10 @@ from .triggers import (
     triggers_from_options,
 )
 from .units import format_duration, parse_duration
+
+# Start-up time (issue 12): psutil and the capture are imported where they are used.
+if TYPE_CHECKING:
+    from .settings import Destination
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -167,6 +167,7 @@ class Watch:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, wait: bool) -> int:
+        from . import processes  # imported here (psutil): start-up time (issue 12)
         self.pid = self.find(wait)
         self.label = f"process {self.pid} ({processes.comm(self.pid) or '?'})"
         if not self.ctx.json and not self.interactive:
@@ -215,6 +216,7 @@ class Watch:
                 f"{self.ts.taken}/{self.ts.count} taken{tail}")
 
     def _alive(self) -> bool:
+        import psutil  # imported here: start-up time (issue 12)
         try:
             return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
@@ -262,6 +264,8 @@ class Watch:
 
     # -- one snapshot ----------------------------------------------------------------------
     def _snapshot(self, fired: Fired, caught: Any = None) -> None:
+        from .capture import capture  # imported here (and below): start-up time (issue 12)
+        from .settings import CaptureSettings
         self.status.clear()
         if caught is None:
             self._close_watch()  # the collector seizes the threads itself

@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kdumpling import CompressionType, OutputFormat
 from kdumpling.errors import KdumplingError, UsageError
-from kdumpling.reader import open_dump
 
-from . import metrics
 from .cancel import Cancel
-from .capture import capture
-from .config import AgentConfig, load_config
 from .options import (
     LEVEL_MAX,
     LEVEL_MIN,
@@ -31,13 +26,15 @@ from .options import (
 )
 from .progress import ProgressBar
 from .record import CaptureResult, SnapshotRecord
-from .s3_client import S3Url, is_s3_url
-from .settings import CaptureSettings, Destination
+from .s3_client import is_s3_url
 from .store import SIDECAR_SUFFIX, Record, SnapshotStore, default_store_dir, open_store
-from .store_dir import record_from_json
-from .store_s3 import SingleObjectStore, locate_object
 from .targets import FeatureUnavailableError, Target
 from .units import format_duration, format_size
+
+# Start-up time (issue 12): what only some commands use is imported where it is used.
+if TYPE_CHECKING:
+    from .config import AgentConfig
+    from .settings import Destination
 
 PROG = "kdumpling-agent"
 
@@ -62,6 +59,7 @@ class Context:
     @property
     def config(self) -> AgentConfig:
         if self._config is None:
+            from .config import load_config  # imported here: start-up time (issue 12)
             self._config = load_config(getattr(self.args, "config", None))
         return self._config
 
@@ -95,6 +93,7 @@ class Context:
 
     def emit(self, obj: Any) -> None:
         """One JSON document on stdout."""
+        import json  # imported here: start-up time (issue 12)
         sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
         sys.stdout.flush()
 
@@ -203,6 +202,7 @@ def cli_write_options(args: argparse.Namespace) -> WriteOptions:
 
 def destination(ctx: Context, output: str | None) -> Destination:
     """``-o``: '-' = stdout, an existing directory or 'DIR/' = a store, else one file."""
+    from .settings import Destination  # imported here: start-up time (issue 12)
     force = bool(getattr(ctx.args, "force", False))
     if output == "-":
         if ctx.json:
@@ -211,6 +211,8 @@ def destination(ctx: Context, output: str | None) -> Destination:
             raise UsageError("refusing to write a dump to a terminal; redirect stdout")
         return Destination(stream=sys.stdout.buffer)
     if output is not None and is_s3_url(output):
+        from .s3_client import S3Url
+        from .store_s3 import SingleObjectStore
         if not S3Url.parse(output).is_prefix:  # s3://BUCKET/KEY: one object, as -o FILE
             return Destination(store=SingleObjectStore(output, force=force, spool=ctx.spool,
                                                        cancel=ctx.cancel))
@@ -224,6 +226,9 @@ def destination(ctx: Context, output: str | None) -> Destination:
 
 def run_capture(ctx: Context, target: Target, output: str | None) -> int:
     """``capture``/``convert``: one capture with the config's and the command line's options."""
+    from . import metrics  # imported here (and below): start-up time (issue 12)
+    from .capture import capture
+    from .settings import CaptureSettings
     dest = destination(ctx, output)
     bar = None
     if not ctx.json and not ctx.quiet and sys.stderr.isatty():
@@ -314,6 +319,7 @@ def _looks_like_path(text: str) -> bool:
 def locate(ctx: Context, what: str) -> Located:
     """A snapshot ID (or unique prefix) in the store, or a path to any dump file."""
     if is_s3_url(what):
+        from .store_s3 import locate_object  # imported here: start-up time (issue 12)
         record, bucket = locate_object(what)
         return Located(bucket.path_of(record.file) if record else what, record, bucket)
     if _looks_like_path(what):
@@ -322,6 +328,9 @@ def locate(ctx: Context, what: str) -> Located:
             raise UsageError(f"no such file: {what}")
         directory, name = os.path.split(path)
         ident = name.rsplit(".", 1)[0]
+        import json  # imported here (and below): start-up time (issue 12)
+
+        from .store_dir import record_from_json
         with contextlib.suppress(OSError, ValueError, KdumplingError):
             with open(os.path.join(directory, ident + SIDECAR_SUFFIX), "rb") as f:
                 rec = record_from_json(json.loads(f.read(1 << 20)), ident + SIDECAR_SUFFIX)
@@ -341,6 +350,7 @@ def locate(ctx: Context, what: str) -> Located:
 
 def dump_facts(path: str) -> dict[str, Any]:
     """What our reader sees in the file."""
+    from kdumpling.reader import open_dump  # imported here: start-up time (issue 12)
     with open_dump(path) as d:
         fields = d.vmcoreinfo_fields
         notes: dict[str, int] = {}

@@ -26,15 +26,13 @@ Example (see systemd/agent.toml.example)::
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdumpling.errors import ConfigError
 
-from .calendar import CalendarSpec, parse_calendar
 from .checker import Checker
 from .metrics import MetricsConfig, parse_metrics_table
 from .options import (
@@ -48,8 +46,12 @@ from .options import (
 )
 from .store import DEFAULT_STORE
 from .targets import CONFIG_TYPES, TARGET_TYPES, Target
-from .triggers import DEFAULT_COOLDOWN, DEFAULT_COUNT, DEFAULT_POLL, WhenSpec, when_from_config
 from .units import SizeLimit, parse_duration
+
+# Start-up time (issue 12): calendars, triggers and TOML are imported where they are used.
+if TYPE_CHECKING:
+    from .calendar import CalendarSpec
+    from .triggers import WhenSpec
 
 DEFAULT_CONFIG = "/etc/kdumpling/agent.toml"
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_STORE", "AgentConfig", "OutputConfig", "RetentionConfig",
@@ -196,6 +198,7 @@ def _schedule(c: Checker) -> Schedule:
         text = c.get("calendar")
         if not isinstance(text, str):
             raise c.fail("calendar", f"expected a calendar expression string, got {text!r}")
+        from .calendar import parse_calendar  # imported here: start-up time (issue 12)
         try:
             return Schedule(calendar=parse_calendar(text))
         except ValueError as err:
@@ -228,6 +231,12 @@ def _when(c: Checker, kind: str) -> WhenSpec | None:
         raise c.fail("when", f"conditional snapshots work on process targets only, not {kind}")
     if not isinstance(table, Mapping):
         raise c.fail("when", "expected a table: when = { cpu = 90, for = \"30s\" }")
+    from .triggers import (  # imported here: start-up time (issue 12)
+        DEFAULT_COOLDOWN,
+        DEFAULT_COUNT,
+        DEFAULT_POLL,
+        when_from_config,
+    )
     count = c.integer("count", 1, 1_000_000, DEFAULT_COUNT) or DEFAULT_COUNT
     cooldown = _duration_key(c, "cooldown", DEFAULT_COOLDOWN)
     poll = _duration_key(c, "poll", DEFAULT_POLL)
@@ -284,6 +293,7 @@ def parse_config(data: Mapping[str, Any], where: str = "config",
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # imported here: start-up time (issue 12)
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

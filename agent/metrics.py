@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -198,6 +197,7 @@ def _locked(path: str) -> Iterator[None]:
 
 def _replace(path: str, data: bytes) -> None:
     directory, base = os.path.split(path)
+    import tempfile  # imported here: start-up time (issue 12)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o644)  # node_exporter runs as its own user

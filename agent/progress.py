@@ -6,7 +6,6 @@ service reports progress through ``STATUS=`` instead (see service.py).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from typing import TextIO
@@ -34,6 +33,7 @@ class ProgressBar:
         self._shown = True
 
     def render(self, done: int, total: int, elapsed: float) -> str:
+        import shutil  # imported here: start-up time (issue 12)
         width = shutil.get_terminal_size((80, 20)).columns
         rate = done / elapsed if elapsed > 0 else 0.0
         frac = done / total if total else 1.0

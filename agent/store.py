@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -65,6 +64,7 @@ def name_candidates(target_key: str, ext: str, when: float) -> Iterator[tuple[st
 def reserved_record(record: SnapshotRecord, ident: str, file: str, target_key: str,
                     when: float) -> SnapshotRecord:
     """The record a reservation writes: ``capturing``, by this host and agent."""
+    import socket  # imported here: start-up time (issue 12)
     return dataclasses.replace(
         record, schema=SCHEMA, id=ident, file=file, state=CAPTURING, target_key=target_key,
         time=iso_time(when), time_unix=round(when, 3), host=socket.gethostname(),

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
 
 
 class Notifier:
@@ -27,6 +30,7 @@ class Notifier:
             self._addr = addr
         self._sock: socket.socket | None = None
         if self._addr is not None:  # made once, here: the watchdog thread shares it
+            import socket  # imported here: start-up time (issue 12)
             with contextlib.suppress(OSError):
                 self._sock = socket.socket(socket.AF_UNIX,
                                            socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

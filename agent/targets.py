@@ -26,7 +26,6 @@ from kdumpling.collectors.base import GUEST_DUMP_FORMATS, Collector
 from kdumpling.errors import UsageError
 from kdumpling.image import DumpKind
 
-from . import processes
 from .checker import Checker
 from .record import slug
 from .units import parse_size
@@ -160,6 +159,7 @@ class ProcessTarget(Target):
                                   "select": args.select or "only"}
         target = str(args.target)
         if target.isdigit():
+            from . import processes  # imported here (psutil): start-up time (issue 12)
             pid = int(target)
             name = processes.comm(pid) or str(pid)
             return cls(key=slug(name), label=f"process {pid} ({name})", pid=pid, **common)
@@ -188,6 +188,7 @@ class ProcessTarget(Target):
 
     def resolve(self, proc: str = "/proc") -> int:
         """The PID this target means right now (TargetGoneError when there is none)."""
+        from . import processes  # imported here (psutil): start-up time (issue 12)
         if self.pid is not None:
             return processes.running_pid(self.pid, proc)
         if self.pid_file:
@@ -197,6 +198,7 @@ class ProcessTarget(Target):
         return processes.pid_by_name(self.process or "", self.select, proc)
 
     def open(self, ctx: OpenContext) -> Opened:
+        from . import processes  # imported here (psutil): start-up time (issue 12)
         pid = self.resolve()  # a missing target is 69 even where the collector is missing
         mod = import_collector("process", "kdumpling.collectors.process")
         kwargs = {k: v for k, v in (("mode", self.mode), ("filter_mask", self.filter),

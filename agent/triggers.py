@@ -23,14 +23,15 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
 from kdumpling.errors import ConfigError, PermissionDeniedError, TargetGoneError, UsageError
 
-from . import processes
 from .targets import OpenContext, Opened, Opener, ProcessTarget, Target, import_collector
 from .units import format_duration, format_size, parse_duration, parse_size
+
+if TYPE_CHECKING:
+    import psutil
 
 DEFAULT_POLL = 1.0
 DEFAULT_COOLDOWN = 10.0
@@ -137,6 +138,7 @@ class Probe:
     """The watched process's metrics through psutil; the first ``sample`` primes the CPU use."""
 
     def __init__(self, pid: int) -> None:
+        import psutil  # imported here: start-up time (issue 12)
         self.pid = pid
         try:
             self.process = psutil.Process(pid)
@@ -145,6 +147,7 @@ class Probe:
             raise _translate(err, pid) from None
 
     def sample(self, metrics: set[str]) -> Sample:
+        import psutil  # imported here: start-up time (issue 12)
         p = self.process
         try:
             with p.oneshot():
@@ -160,6 +163,7 @@ class Probe:
 
 
 def _translate(err: psutil.Error, pid: int) -> Exception:
+    import psutil  # imported here: start-up time (issue 12)
     if isinstance(err, psutil.ZombieProcess):
         return TargetGoneError(f"process {pid} has exited (zombie)")
     if isinstance(err, psutil.NoSuchProcess):
@@ -280,6 +284,7 @@ class Firing:
         pid, caught = self.pid, self.caught
 
         def open_it(_target: Target, _ctx: OpenContext) -> Opened:
+            from . import processes  # imported here (psutil): start-up time (issue 12)
             mod = import_collector("process", "kdumpling.collectors.process")
             return Opened(mod.ProcessCollector(pid, caught=caught, **kwargs), pid=pid,
                           exe=processes.exe(pid))
