@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from writer_elf import read_elf_core
 from writer_runs import PAGE, log, unlink
@@ -119,21 +119,36 @@ def build_dense(src: str, dst: str, seed: int) -> dict[str, int]:
             meta = json.load(f)
         if meta.get("seed") == seed and meta.get("src_size") == os.path.getsize(src):
             return dict(meta["counts"])
+    rng = random.Random(seed)
+    files = usr_pages(random.Random(seed + 1))
+    p_file = SYNTH_MIX[1] / (SYNTH_MIX[1] + SYNTH_MIX[2])
+
+    def fill() -> tuple[str, bytes]:
+        if rng.random() < p_file:
+            return "filled_file", next(files)
+        return "filled_random", rng.randbytes(PAGE)
+
+    counts = {"pages": 0, "zero_before": 0, "filled_file": 0, "filled_random": 0}
+    _fill_zero_pages(src, dst, fill, counts)
+    with open(meta_path, "w") as f:
+        json.dump({"seed": seed, "src_size": os.path.getsize(src), "counts": counts}, f)
+    return counts
+
+
+def _fill_zero_pages(src: str, dst: str, fill: Callable[[], tuple[str, bytes]],
+                     counts: dict[str, int]) -> None:
+    """Copy the ELF vmcore ``src`` to ``dst`` with every all-zero page of its PT_LOADs
+    replaced by ``fill()``'s bytes, counting pages, zero pages and each kind ``fill`` names."""
     unlink(dst)
     tmp = dst + ".tmp"
     shutil.copyfile(src, tmp)
     core = read_elf_core(src)
-    rng = random.Random(seed)
-    files = usr_pages(random.Random(seed + 1))
-    p_file = SYNTH_MIX[1] / (SYNTH_MIX[1] + SYNTH_MIX[2])
     zero = bytes(PAGE)
-    counts = {"pages": 0, "zero_before": 0, "filled_file": 0, "filled_random": 0}
-    chunk = 1 << 20
     with open(tmp, "r+b", buffering=0) as f:
         for off, _vaddr, _paddr, filesz, _memsz in core.loads:
             done = 0
             while done < filesz:
-                n = min(chunk, filesz - done)
+                n = min(1 << 20, filesz - done)
                 data = bytearray(os.pread(f.fileno(), n, off + done))
                 changed = False
                 for i in range(0, n - PAGE + 1, PAGE):
@@ -141,21 +156,15 @@ def build_dense(src: str, dst: str, seed: int) -> dict[str, int]:
                     if data[i : i + PAGE] != zero:
                         continue
                     counts["zero_before"] += 1
+                    kind, body = fill()
+                    data[i : i + PAGE] = body
+                    counts[kind] = counts.get(kind, 0) + 1
                     changed = True
-                    if rng.random() < p_file:
-                        data[i : i + PAGE] = next(files)
-                        counts["filled_file"] += 1
-                    else:
-                        data[i : i + PAGE] = rng.randbytes(PAGE)
-                        counts["filled_random"] += 1
                 if changed:
                     os.pwrite(f.fileno(), data, off + done)
                 done += n
         os.fsync(f.fileno())
     os.rename(tmp, dst)
-    with open(meta_path, "w") as f:
-        json.dump({"seed": seed, "src_size": os.path.getsize(src), "counts": counts}, f)
-    return counts
 
 
 # The second dense image: page kinds drawn independently per zero page (shares of the pages
@@ -289,34 +298,9 @@ def build_mixed(src: str, dst: str, seed: int) -> dict[str, int]:
         if meta.get("seed") == seed and meta.get("src_size") == os.path.getsize(src) \
                 and meta.get("kinds") == [k for k, _ in MIXED_KINDS]:
             return dict(meta["counts"])
-    unlink(dst)
-    tmp = dst + ".tmp"
-    shutil.copyfile(src, tmp)
-    core = read_elf_core(src)
     maker = MixedPages(seed + 1000)
-    zero = bytes(PAGE)
     counts: dict[str, int] = {"pages": 0, "zero_before": 0}
-    with open(tmp, "r+b", buffering=0) as f:
-        for off, _vaddr, _paddr, filesz, _memsz in core.loads:
-            done = 0
-            while done < filesz:
-                n = min(1 << 20, filesz - done)
-                data = bytearray(os.pread(f.fileno(), n, off + done))
-                changed = False
-                for i in range(0, n - PAGE + 1, PAGE):
-                    counts["pages"] += 1
-                    if data[i : i + PAGE] != zero:
-                        continue
-                    counts["zero_before"] += 1
-                    kind, body = maker.page()
-                    data[i : i + PAGE] = body
-                    counts[kind] = counts.get(kind, 0) + 1
-                    changed = True
-                if changed:
-                    os.pwrite(f.fileno(), data, off + done)
-                done += n
-        os.fsync(f.fileno())
-    os.rename(tmp, dst)
+    _fill_zero_pages(src, dst, maker.page, counts)
     with open(meta_path, "w") as f:
         json.dump({"seed": seed, "src_size": os.path.getsize(src), "counts": counts,
                    "kinds": [k for k, _ in MIXED_KINDS]}, f)
