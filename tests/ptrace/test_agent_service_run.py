@@ -14,6 +14,7 @@ from tests import tiers
 from tests.agenttools import (
     NotifyListener,
     fixture_process,
+    kill_quietly,
     run_agent,
     wait_for,
 )
@@ -52,9 +53,7 @@ def test_service_loop_with_sd_notify(tmp_path: Path, listener: NotifyListener) -
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            kill_quietly(proc)
         wait_for(lambda: listener.has("STOPPING", "1"), 5, "STOPPING=1")
         msgs = listener.messages
         assert listener.index("READY") < listener.index("STOPPING")
@@ -102,9 +101,7 @@ def test_service_sigterm_abandons_the_running_capture(tmp_path: Path,
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            kill_quietly(proc)
         assert sorted(p.name for p in store.iterdir()) == [".locks"]
         assert "result=abandoned" in err_path.read_text()
         wait_for(lambda: listener.has("STOPPING", "1"), 5, "STOPPING=1")
